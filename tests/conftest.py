@@ -15,13 +15,13 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
-def rng():
-    """A fresh, unseeded-by-default generator: parity tests draw new inputs every run.
-    Set RANKGRPO_TEST_SEED to replay a failure; the seed is printed on failure."""
+def rng(request):
+    """A generator with a fresh seed each run: parity tests draw new inputs every time.
+    Set RANKGRPO_TEST_SEED to replay a failure; the seed is in the test's report."""
     seed = int(os.environ.get("RANKGRPO_TEST_SEED", torch.seed() % (2**31)))
-    g = torch.Generator().manual_seed(seed)
-    g.seed_value = seed
-    return g
+    request.node.user_properties.append(("seed", seed))
+    print(f"RANKGRPO_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
 
 
 def pytest_report_header(config):
