@@ -123,6 +123,10 @@ def prepare(logp, old_logp, advantages, segment_ids, mask, *, ref_logp=None,
     if validate:
         for name, x in (("logp", lp), ("old_logp", old), ("ref_logp", ref), ("advantages", adv)):
             check_finite(name, x, m)
+    # Padding may hold anything (NaN from a masked softmax, say); zero it so that no NaN
+    # reaches a gradient through 0 * inf.
+    lp, old, adv = (torch.where(m, x, 0) for x in (lp, old, adv))
+    ref = None if ref is None else torch.where(m, ref, 0)
     num_seg = None
     if seg is not None:
         num_seg = _num_segments(seg, m, num_segments, adv_ranks, validate)
