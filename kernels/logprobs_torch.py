@@ -1,10 +1,10 @@
 """Phase 1 in chunked PyTorch: log-probs from hidden states and the LM head without [N, V].
 
-Rows are processed `chunk` at a time, so the largest temporary is [chunk, V]. The backward
-recomputes each logit tile from the saved log-sum-exp instead of storing probabilities.
-Every chunk is padded to the same row count: CPU BLAS picks a different (gemv) path for a
-single row, and a fixed matmul shape is what makes a row's logp independent of the batch
-it sits in (SPEC section 8, batch invariance).
+Rows are processed `chunk` at a time, so the largest temporary is one [chunk, V] tile,
+allocated once and reused in place. The backward recomputes each logit tile from the
+saved log-sum-exp instead of storing probabilities. In the forward every chunk is padded
+to the same row count: CPU BLAS takes another (gemv) path for a single row, and a fixed
+matmul shape is what makes a row's logp independent of the batch it sits in (SPEC 8).
 """
 
 from __future__ import annotations
@@ -25,25 +25,16 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _tiles(hidden: torch.Tensor, rows: int):
-    """Yield (start, stop, padded [rows, H] tile in the accumulation dtype)."""
-    acc = _acc_dtype(hidden)
-    n = hidden.shape[0]
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        tile = hidden[start:stop].to(acc)
-        if stop - start < rows:
-            tile = torch.cat([tile, tile.new_zeros(rows - (stop - start), tile.shape[1])])
-        yield start, stop, tile
-
-
-def _logits(tile: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-            temperature: float) -> torch.Tensor:
-    z = tile @ w.t()
+def _logits_into(out: torch.Tensor, tile: torch.Tensor, w: torch.Tensor,
+                 bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """out[:rows] = (tile @ w^T + bias) / temperature, written into a reused buffer."""
+    z = out[: tile.shape[0]]
     if bias is not None:
-        z += bias
+        torch.addmm(bias, tile, w.t(), out=z)
+    else:
+        torch.mm(tile, w.t(), out=z)
     if temperature != 1.0:
-        z /= temperature
+        z.div_(temperature)
     return z
 
 
@@ -55,25 +46,35 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     logp is 0 where the target is ignored; entropy is computed for every row.
     """
     acc = _acc_dtype(hidden)
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n, dim, vocab = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    dev = hidden.device
     w = weight.to(acc)
     b = bias.to(acc) if bias is not None else None
     rows = chunk_rows(vocab)
-    logp = torch.empty(n, dtype=acc, device=hidden.device)
+    logp = torch.empty(n, dtype=acc, device=dev)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if need_entropy else None
-    for start, stop, tile in _tiles(hidden, rows):
-        k = stop - start
-        z = _logits(tile, w, b, temperature)[:k]
-        tl = targets[start:stop]
-        m = torch.logsumexp(z, dim=-1)
+    z_buf = torch.empty(rows, vocab, dtype=acc, device=dev)
+    e_buf = torch.empty_like(z_buf)
+    tile = torch.zeros(rows, dim, dtype=acc, device=dev)
+    for start in range(0, n, rows):
+        k = min(rows, n - start)
+        tile[:k] = hidden[start:start + k]
+        if k < rows:
+            tile[k:] = 0
+        z = _logits_into(z_buf, tile, w, b, temperature)[:k]
+        tl = targets[start:start + k]
         zt = z.gather(1, tl.clamp(min=0).unsqueeze(1)).squeeze(1)
-        lse[start:stop] = m
-        logp[start:stop] = torch.where(tl >= 0, zt - m, torch.zeros_like(m))
+        m = z.amax(dim=-1)
+        z.sub_(m.unsqueeze(1))  # shifted logits: one exp pass serves the LSE and entropy
+        e = torch.exp(z, out=e_buf[:k])
+        s = e.sum(-1)
+        log_s = s.log()
+        lse[start:start + k] = m + log_s
+        logp[start:start + k] = torch.where(tl >= 0, zt - m - log_s, 0)
         if entropy is not None:
-            # H = lse - sum_j p_j z_j; p in place of z's copy keeps one [chunk, V] temporary.
-            p = torch.exp(z - m.unsqueeze(1))
-            entropy[start:stop] = m - (p * z).sum(-1)
+            # H = -sum p log p = log s - sum e (z - m) / s
+            entropy[start:start + k] = log_s - torch.linalg.vecdot(e, z) / s
     return logp, lse, entropy
 
 
@@ -88,44 +89,41 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     dtypes of the inputs, None where not needed.
     """
     acc = _acc_dtype(hidden)
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n, dim, vocab = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    dev = hidden.device
     w = weight.to(acc)
     b = bias.to(acc) if bias is not None else None
     rows = chunk_rows(vocab)
     need_h, need_w, need_b = needs
-    dh = torch.empty(n, hidden.shape[1], dtype=acc, device=hidden.device) if need_h else None
-    dw = torch.zeros(vocab, hidden.shape[1], dtype=acc, device=hidden.device) if need_w else None
-    db = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_b else None
-    g_all = grad_logp.to(acc)
-    for start, stop, tile in _tiles(hidden, rows):
-        k = stop - start
-        z = _logits(tile, w, b, temperature)
-        g = torch.zeros(rows, dtype=acc, device=hidden.device)
-        g[:k] = g_all[start:stop]
-        m = torch.zeros(rows, dtype=acc, device=hidden.device)
-        m[:k] = lse[start:stop]
-        tl = torch.full((rows,), -1, dtype=targets.dtype, device=targets.device)
-        tl[:k] = targets[start:stop]
-        g = torch.where(tl >= 0, g, torch.zeros_like(g))
-        z -= m.unsqueeze(1)  # z now holds log p
-        p = torch.exp(z)
-        dz = p * (-g).unsqueeze(1)
+    dh = torch.empty(n, dim, dtype=acc, device=dev) if need_h else None
+    dw = torch.zeros(vocab, dim, dtype=acc, device=dev) if need_w else None
+    db = torch.zeros(vocab, dtype=acc, device=dev) if need_b else None
+    g_all = torch.where(targets >= 0, grad_logp.to(acc), 0)
+    z_buf = torch.empty(rows, vocab, dtype=acc, device=dev)
+    for start in range(0, n, rows):
+        k = min(rows, n - start)
+        tile = hidden[start:start + k].to(acc)
+        z = _logits_into(z_buf, tile, w, b, temperature)
+        g = g_all[start:start + k]
+        z.sub_(lse[start:start + k].unsqueeze(1))  # log p
         if grad_entropy is not None:
-            ge = torch.zeros(rows, dtype=acc, device=hidden.device)
-            ge[:k] = grad_entropy.to(acc)[start:stop]
-            ent = torch.zeros(rows, dtype=acc, device=hidden.device)
-            ent[:k] = entropy[start:stop]
-            dz -= ge.unsqueeze(1) * p * (z + ent.unsqueeze(1))
-        rows_idx = torch.arange(rows, device=hidden.device)
-        dz[rows_idx, tl.clamp(min=0)] += g  # g is 0 on ignored rows, so index 0 is harmless
+            ge = grad_entropy[start:start + k].to(acc).unsqueeze(1)
+            p = z.exp()
+            # -ge p (log p + H) - g p, assembled in z's buffer
+            z.add_(entropy[start:start + k].unsqueeze(1)).mul_(p).mul_(-ge)
+            dz = z.sub_(p.mul_(g.unsqueeze(1)))
+        else:
+            dz = z.exp_().mul_(-g.unsqueeze(1))
+        tl = targets[start:start + k].clamp(min=0).unsqueeze(1)
+        dz.scatter_add_(1, tl, g.unsqueeze(1))  # g is 0 on ignored rows
         if temperature != 1.0:
-            dz /= temperature
+            dz.div_(temperature)
         if dh is not None:
-            dh[start:stop] = (dz @ w)[:k]
+            torch.mm(dz, w, out=dh[start:start + k])
         if dw is not None:
-            dw += dz.t() @ tile
+            dw.addmm_(dz.t(), tile)
         if db is not None:
-            db += dz.sum(0)
+            db.add_(dz.sum(0))
     return (dh.to(hidden.dtype) if dh is not None else None,
             dw.to(weight.dtype) if dw is not None else None,
             db.to(bias.dtype) if db is not None else None)

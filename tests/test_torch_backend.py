@@ -182,3 +182,25 @@ def test_clip_boundaries_match_autograd(A, w, delta):
                                  delta=delta, backend=backend)
         grads.append(torch.autograd.grad(loss, logp)[0])
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_entropy_and_its_gradient(rng, temperature):
+    h = torch.randn(3, 19, 6, generator=rng, dtype=torch.float64)
+    w = torch.randn(45, 6, generator=rng, dtype=torch.float64)
+    b = torch.randn(45, generator=rng, dtype=torch.float64)
+    y = torch.randint(0, 45, (3, 19), generator=rng)
+    y[1, 3] = -100
+    a = torch.randn(3, 19, generator=rng, dtype=torch.float64)
+    c = torch.randn(3, 19, generator=rng, dtype=torch.float64)
+    out = {}
+    for backend in ("reference", "torch"):
+        leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+        logp, ent = linear_logprobs(leaves[0], leaves[1], y, bias=leaves[2],
+                                    temperature=temperature, return_entropy=True,
+                                    backend=backend)
+        (logp * a + ent * c).sum().backward()
+        out[backend] = [logp, ent] + [x.grad for x in leaves]
+    for r, o in zip(out["reference"], out["torch"]):
+        torch.testing.assert_close(o, r, rtol=0, atol=1e-10)
+    assert out["torch"][1][1, 3] == 0 and out["torch"][0][1, 3] == 0
