@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: bootstraps .venv, then runs a job.
+#   bash scripts/dev.sh demo [args]   the main job (the `rankgrpo demo` run on the shipped data)
+#   bash scripts/dev.sh test [args]   the test suite (what CI runs)
+# The CPU torch wheel is installed first, so pip never pulls a multi-GB CUDA build; set
+# TORCH_SPEC to choose another torch (a torch already in the venv is kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${RANKGRPO_VENV:-.venv}
+py="$venv/bin/python"
+if [ ! -x "$py" ]; then
+  "${PYTHON:-python3}" -m venv "$venv"
+fi
+stamp="$venv/.rankgrpo-install"
+want=$(cat pyproject.toml | sha1sum | cut -c1-40)
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+  "$py" -m pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+export PATH="$PWD/$venv/bin:$PATH"
+job=${1:-}
+shift || true
+case "$job" in
+  demo)
+    exec "$py" -m rankgrpo_kernels.demo "$@"
+    ;;
+  test)
+    # The optional native op library is built when cmake is there, so its parity suite runs.
+    if command -v cmake >/dev/null 2>&1 && [ -f CMakeLists.txt ]; then
+      cmake -S . -B build -DPython_EXECUTABLE="$PWD/$py" >build.log 2>&1 \
+        && cmake --build build -j2 >>build.log 2>&1 \
+        || { echo "native build failed (see build.log)"; [ -z "${CI:-}" ] || exit 1; }
+    fi
+    exec "$py" -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: bash scripts/dev.sh {demo|test} [args]" >&2
+    exit 2
+    ;;
+esac
