@@ -14,7 +14,8 @@ Which segment a character belongs to (kernel convention: [0, N) items, N overflo
   overflow bin, so its tokens get advantage 0 and the overflow penalty, like any text that
   is not one of the N items;
 - blank lines and whitespace between lines: the line before them (the first line if they
-  lead the text); a text with no non-blank line is all N.
+  lead the text); a text with no non-blank line at all (an empty list) is all 0, as in the
+  newline mode, so an empty answer is penalised once (short list), not as overflow.
 A token takes the segment of its first character, which matches the newline rule (the token
 that holds a newline belongs to the item it ends). A token that produces no character
 (EOS and other special tokens at the end) takes the last character's segment ("EOS belongs
@@ -71,7 +72,7 @@ def char_segments(text: str, num_ranks: int) -> tuple[list[int], list[tuple[str,
         else:
             seg = num_ranks
         owners[line.start:line.end] = [seg] * (line.end - line.start)
-    first = next((o for o in owners if o is not None), num_ranks)
+    first = next((o for o in owners if o is not None), 0)
     out: list[int] = []
     prev = first
     for o in owners:
@@ -87,7 +88,7 @@ def align_row(tokenizer: Any, ids: Sequence[int], num_ranks: int) -> AlignedRow:
     segs = []
     for start, end in spans:
         if not chars:
-            segs.append(num_ranks)
+            segs.append(0)
         elif end > start or start < len(chars):
             segs.append(chars[start])
         else:  # empty span at the end of the text
