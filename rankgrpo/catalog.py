@@ -127,6 +127,9 @@ class Catalog:
                 report.skipped.append(SkippedRow(row, "empty or missing title", raw))
                 continue
             year = _as_year(year_raw)
+            if year_raw is None or (isinstance(year_raw, str) and not year_raw.strip()):
+                report.skipped.append(SkippedRow(row, "missing year", raw))
+                continue
             if year is None:
                 report.skipped.append(SkippedRow(row, f"year {year_raw!r} is not an integer", raw))
                 continue
@@ -179,7 +182,7 @@ def _delimited_rows(path: Path, delimiter: str) -> Iterator[tuple[int, Any, Any,
                 continue
             raw = delimiter.join(cells)
             if len(cells) <= max(ti, yi):
-                yield n, None, None, raw
+                yield n, cells[ti] if ti < len(cells) else None, None, raw
                 continue
             yield n, cells[ti], cells[yi], raw
 
