@@ -1,0 +1,230 @@
+"""Stage 1: supervised fine-tuning on catalog-grounded demonstrations.
+
+Completion-only loss (the prompt's tokens are not trained unless completion_only_loss is
+off) through the same fused log-prob kernel the RL loss uses: CE = -logp from
+`rankgrpo_kernels.linear_logprobs` on the last hidden states and the LM head, never the
+model's logits. The loss is the mean over every completion token of the optimizer step (all
+micro-batches, all processes), so it does not depend on how the step is split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rankgrpo_kernels import linear_logprobs
+
+from .checkpoint import (
+    GracefulInterrupt,
+    load_checkpoint,
+    load_weights,
+    resolve_resume,
+    save_checkpoint,
+    seed_everything,
+)
+from .config import EvalConfig, SFTConfig, validate_section
+from .encoding import SFTExample, encode_prompts, encode_sft
+from .model import (
+    call_through_wrapper,
+    gathered_lm_head,
+    generation_eos_ids,
+    last_hidden_states,
+    lm_head_params,
+    save_pretrained,
+)
+from .optim import make_optimizer, make_scheduler
+from .run_log import RunLogger, peak_memory_gib
+from .runtime import (
+    TrainResult,
+    make_accelerator,
+    optimizer_step,
+    run_eval,
+    steps_for,
+    sync_flag,
+)
+from .sampler import EpochSampler
+from .train import _read_history
+
+PROGRESS = {"loss": "loss", "tok/s": "tokens_per_second"}
+
+
+def collate(examples: Sequence[SFTExample], pad_id: int, completion_only: bool,
+            device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids [b, L], attention_mask [b, L], loss mask [b, L-1] over the targets
+    input_ids[:, 1:]) with right padding."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(examples), width), dtype=torch.long)
+    loss = torch.zeros((len(examples), width), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        att[i, :n] = 1
+        loss[i, (e.prompt_length if completion_only else 1):n] = True
+    return ids.to(device), att.to(device), loss[:, 1:].to(device)
+
+
+def _step_loss(model, inner, ids, att, lmask, normalizer, cfg, accelerator):
+    def fn():
+        h = last_hidden_states(inner, ids, att)[:, :-1]
+        if cfg.bf16 and h.dtype != torch.bfloat16:
+            h = h.to(torch.bfloat16)
+        w, b = lm_head_params(inner)
+        w = w.to(h.dtype)
+        b = None if b is None else b.to(h.dtype)
+        targets = torch.where(lmask, ids[:, 1:], -100)
+        logp = linear_logprobs(h, w, targets, bias=b, backend=cfg.kernel_backend)
+        return -(logp.double() * lmask).sum() / normalizer, lmask.sum()
+
+    with accelerator.autocast():
+        return call_through_wrapper(model, inner, fn)
+
+
+def sft_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]],
+              config: SFTConfig, *, catalog=None, num_ranks: int = 20,
+              eval_records: Sequence[Mapping[str, Any]] | None = None,
+              eval_config: EvalConfig | None = None, accelerator=None,
+              resume: str | bool | None = None,
+              callbacks: Sequence[Callable[[dict], None]] = (),
+              save_final: bool = True) -> TrainResult:
+    """Fine-tune `model` to produce each record's `completion` (then EOS) after its prompt.
+
+    Arguments mirror `rankgrpo.train.grpo_train`; `catalog` is needed only for the held-out
+    evaluation (`eval_records`, every config.eval_steps steps and at the end).
+    """
+    cfg = config
+    validate_section("sft", cfg)
+    acc = accelerator if accelerator is not None else make_accelerator(cfg)
+    rank, world = acc.process_index, acc.num_processes
+    eos_id = generation_eos_ids(model, tokenizer)[0]
+    examples, skipped = encode_sft(tokenizer, train_records, cfg.max_length, eos_id,
+                                   long_prompts=cfg.long_prompts)
+    ecfg = eval_config or EvalConfig()
+    if eval_records is not None:
+        encode_prompts(tokenizer, eval_records, ecfg.max_prompt_length,
+                       long_prompts=ecfg.long_prompts, what="evaluation")
+    per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    per_step = per_process * world
+    total_steps = steps_for(len(examples), per_step, cfg)
+    out_dir = Path(cfg.output_dir)
+    ckpt = resolve_resume(resume, out_dir)
+    if ckpt is not None:
+        load_weights(model, ckpt)
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    inner = acc.unwrap_model(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+
+    sampler = EpochSampler(len(examples), cfg.seed)
+    step, tokens_seen = 0, 0
+    history: list[dict] = []
+    evals: list[dict] = []
+    if ckpt is not None:
+        state, _ = load_checkpoint(ckpt, optimizer=optimizer, scheduler=scheduler,
+                                   accelerator=acc)
+        step = int(state["step"])
+        sampler.load_state_dict(state["sampler"])
+        tokens_seen = int(state.get("num_tokens", 0))
+        history, evals = _read_history(out_dir / "metrics.jsonl", step)
+    else:
+        seed_everything(cfg.seed + rank)
+    logger = RunLogger(out_dir, report_to=cfg.report_to, main=acc.is_main_process,
+                       total_steps=total_steps, initial_step=step,
+                       disable_tqdm=cfg.disable_tqdm, desc="sft", postfix_keys=PROGRESS)
+    if skipped:
+        logger.write(f"skipped {len(skipped)} SFT records longer than max_length="
+                     f"{cfg.max_length}")
+
+    def evaluate_now():
+        evals.append(run_eval(model, tokenizer, eval_records, catalog, ecfg, num_ranks, acc,
+                              step, logger, callbacks))
+
+    def save():
+        state = {"sampler": sampler.state_dict(), "num_tokens": tokens_seen, "stage": "sft",
+                 "config": dict(vars(cfg))}
+        return save_checkpoint(out_dir, step, model=model, optimizer=optimizer,
+                               scheduler=scheduler, state=state, tokenizer=tokenizer,
+                               accelerator=acc, save_total_limit=cfg.save_total_limit)
+
+    interrupted, last_ckpt = False, ckpt
+    t_run = time.perf_counter()
+    try:
+        with GracefulInterrupt() as interrupt:
+            if eval_records is not None and cfg.eval_on_start and step == 0:
+                evaluate_now()
+            while step < total_steps:
+                t0 = time.perf_counter()
+                idx = sampler.take(per_step)[rank * per_process:(rank + 1) * per_process]
+                mbs = [collate([examples[i] for i in idx[s:s + cfg.per_device_train_batch_size]],
+                               pad_id, cfg.completion_only_loss, acc.device)
+                       for s in range(0, len(idx), cfg.per_device_train_batch_size)]
+                count = sum(m[2].sum() for m in mbs).double().reshape(1)
+                if world > 1:
+                    count = acc.reduce(count.to(acc.device), reduction="sum").cpu()
+                normalizer = float(count.clamp(min=1))
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                for j, (ids, att, lmask) in enumerate(mbs):
+                    sync = acc.no_sync(model) if (world > 1 and j < len(mbs) - 1) else \
+                        _null()
+                    with sync, gathered_lm_head(inner, acc):
+                        loss, _ = _step_loss(model, inner, ids, att, lmask, normalizer, cfg, acc)
+                        acc.backward(loss * world)
+                    loss_sum += loss.detach().double().cpu()
+                t1 = time.perf_counter()
+                grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg, acc)
+                t2 = time.perf_counter()
+                step += 1
+                n_tok = float(sum(m[1].sum() for m in mbs))
+                if world > 1:
+                    packed = acc.reduce(torch.tensor([float(loss_sum), n_tok],
+                                                     device=acc.device), reduction="sum").cpu()
+                    loss_sum, n_tok = packed[0], float(packed[1])
+                tokens_seen += int(n_tok)
+                rec = {"step": step, "epoch": sampler.progress, "loss": float(loss_sum),
+                       "learning_rate": lr, "grad_norm": grad_norm,
+                       "num_loss_tokens": float(count), "num_tokens": tokens_seen,
+                       "tokens_per_second": n_tok / max(t2 - t0, 1e-9),
+                       "time/loss": t1 - t0, "time/optimizer": t2 - t1, **peak_memory_gib()}
+                history.append(rec)
+                if step % cfg.logging_steps == 0 or step == total_steps:
+                    logger.log(rec)
+                logger.progress(rec)
+                for cb in callbacks:
+                    cb({"event": "step", **rec})
+                if eval_records is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+                    evaluate_now()
+                stop = sync_flag(interrupt.requested, acc)
+                if (cfg.save_steps and step % cfg.save_steps == 0) or stop or \
+                        step == total_steps:
+                    last_ckpt = save()
+                if stop:
+                    interrupted = True
+                    logger.write(f"stopped by Ctrl-C after step {step}; resume with --resume")
+                    break
+        if not interrupted and eval_records is not None and (
+                not cfg.eval_steps or step % cfg.eval_steps != 0):
+            evaluate_now()
+    finally:
+        logger.close()
+    final_dir = None
+    if save_final and not interrupted:
+        final_dir = out_dir / "final"
+        save_pretrained(model, tokenizer, final_dir, acc)
+    return TrainResult(model=acc.unwrap_model(model), step=step, history=history,
+                       eval_history=evals, output_dir=out_dir, final_dir=final_dir,
+                       checkpoint_dir=last_ckpt, interrupted=interrupted,
+                       seconds=time.perf_counter() - t_run)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
