@@ -320,6 +320,14 @@ def micro_batch_loss(model, mb: MicroBatch, batch: RLBatch, cfg: GRPOConfig, num
         return call_through_wrapper(model, inner, loss_fn)
 
 
+def _deepspeed_boundary(accelerator, last: bool) -> None:
+    """Under DeepSpeed, accelerate's backward also steps the engine unless told that this
+    micro-batch is not the last of the step. NOT TESTED here (no DeepSpeed, no GPUs)."""
+    if accelerator is None or "DEEPSPEED" not in str(accelerator.distributed_type):
+        return
+    accelerator.gradient_state._set_sync_gradients(last)
+
+
 def accumulate_gradients(model, batch: RLBatch, cfg: GRPOConfig, num_ranks: int, *,
                          accelerator=None) -> dict[str, float]:
     """Backward of the step's loss over micro-batches of per_device_train_batch_size rows.
@@ -336,6 +344,7 @@ def accumulate_gradients(model, batch: RLBatch, cfg: GRPOConfig, num_ranks: int,
         last = j == len(mbs) - 1
         sync = contextlib.nullcontext() if (last or accelerator is None or world == 1) \
             else accelerator.no_sync(model)
+        _deepspeed_boundary(accelerator, last)
         with sync, gathered_lm_head(inner, accelerator):
             loss, m = micro_batch_loss(model, mb, batch, cfg, num_ranks, accelerator)
             scaled = loss * world
