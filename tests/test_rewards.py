@@ -76,6 +76,12 @@ def test_year_order_tries_plus_one_before_minus_one():
     assert rank_relevance("Solaris (2002)\nSolaris (2004)", gt, [], CATALOG, 2) == [1, 0]
 
 
+@pytest.mark.parametrize("diff, rel", [(-3, 0), (-2, 1), (-1, 1), (0, 1), (1, 1), (2, 1),
+                                       (3, 0)])
+def test_year_tolerance_both_directions(diff, rel):
+    assert rank_relevance("Heat (1995)", [["Heat", str(1995 + diff)]], [], CATALOG, 1) == [rel]
+
+
 def test_catalog_none_skips_catalog_check_and_bad_gt_year_never_matches():
     assert rank_relevance("Gladiator (2000)", GT, [], None, 1) == [1]
     assert rank_relevance("Heat (1995)", [["Heat", "n/a"]], [], CATALOG, 1) == [0]
