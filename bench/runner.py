@@ -1,0 +1,468 @@
+"""Runs a suite: for every shape and token count, the same input sets through every
+contender (full step and no-grad pass), the matmul rate, and the segment stage alone.
+
+Out of memory is a result ("OOM"), a missing package or device a "skipped" with its reason,
+and a size whose time (extrapolated linearly in T from the last measured size) would exceed
+the suite's per-step cap or its remaining budget is skipped with the prediction as reason.
+Results are written after every size, so a run cut short still leaves its numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import rankgrpo_kernels as rk
+
+from . import contenders as C
+from . import env as E
+from . import flops as F
+from . import report
+from .inputs import Inputs, make_inputs, rows_for
+from .suites import SHAPES, Suite
+from .timing import measure
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in msg
+                                              or "can't allocate memory" in msg)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _step_call(contender: C.Contender):
+    def call(inp: Inputs, timer):
+        inp.clear_grads()
+        t0 = timer.mark()
+        loss = contender.loss(inp)
+        t1 = timer.mark()
+        loss.backward()
+        t2 = timer.mark()
+        return [t0, t1, t2]
+    return call
+
+
+def _logp_call(contender: C.Contender):
+    def call(inp: Inputs, timer):
+        t0 = timer.mark()
+        contender.logp(inp)
+        t1 = timer.mark()
+        return [t0, t1]
+    return call
+
+
+def measure_cell(contender: C.Contender, sets: list[Inputs], suite: Suite,
+                 device: torch.device, flop: dict, matmul: dict | None) -> dict:
+    """Step (forward + backward) and no-grad pass of one contender on the input sets."""
+    cell: dict = {"status": "ok", "level": contender.level, "note": contender.note}
+    warmup = suite.warmup + (1 if contender.compiles_on(device) else 0)
+    rate = (matmul or {}).get("tflops")
+    try:
+        st = measure(_step_call(contender), sets, phases=("forward", "backward"),
+                     device=device, warmup=warmup, cell_budget_s=suite.cell_budget_s,
+                     max_reps=suite.max_reps, max_step_s=suite.max_step_s,
+                     min_reps=suite.min_reps, out_bytes=lambda inp: inp.grad_bytes(),
+                     clear=lambda inp: inp.clear_grads())
+    except Exception as err:  # noqa: BLE001 - OOM and failures are results
+        cell.update(_failure(err))
+        for s in sets:
+            s.clear_grads()
+        return cell
+    finally:
+        for s in sets:
+            s.clear_grads()
+        free_memory(device)
+    st["tflops"] = F.tflops(flop["step"], st["total_ms"].get("median"))
+    st["frac_matmul"] = st["tflops"] / rate if rate and st["tflops"] else None
+    cell["step"] = st
+    cell["note"] = contender.note
+    if not contender.has_logp():
+        cell["logp"] = {"status": "n/a", "reason": "same pass as the contender's other level"}
+        return cell
+    try:
+        lp = measure(_logp_call(contender), sets, phases=("logp",), device=device,
+                     warmup=max(0, warmup - 1), cell_budget_s=suite.cell_budget_s / 2,
+                     max_reps=suite.max_reps, max_step_s=suite.max_step_s,
+                     min_reps=suite.min_reps, out_bytes=lambda inp: inp.tokens * 4)
+        lp["status"] = "ok"
+        lp["tflops"] = F.tflops(flop["logp"], lp["total_ms"].get("median"))
+        lp["frac_matmul"] = lp["tflops"] / rate if rate and lp["tflops"] else None
+        cell["logp"] = lp
+    except Exception as err:  # noqa: BLE001
+        cell["logp"] = _failure(err)
+    finally:
+        free_memory(device)
+    return cell
+
+
+def _failure(err: BaseException) -> dict:
+    if is_oom(err):
+        return {"status": "OOM", "reason": str(err).splitlines()[0][:200]}
+    return {"status": "error", "reason": f"{type(err).__name__}: {str(err)[:300]}",
+            "traceback": traceback.format_exc(limit=6)}
+
+
+def segment_table(sets: list[Inputs], suite: Suite, device: torch.device,
+                  step_ms: float | None, step_name: str | None) -> dict:
+    """rank_grpo_loss alone (forward + backward w.r.t. logp) per segment-stage backend."""
+    rows = {}
+    lo, hi = C.EPSILONS["rank"]
+    g = torch.Generator(device=device).manual_seed(7)
+    logps = [(s.old_logp + 0.02 * torch.randn(s.old_logp.shape, generator=g, device=device))
+             .requires_grad_(True) for s in sets]
+    pairs = list(zip(sets, logps))
+
+    for name, why in C.segment_stage_backends(device).items():
+        if why:
+            rows[name] = {"status": "skipped", "reason": why}
+            continue
+
+        def call(pair, timer, name=name):
+            inp, logp = pair
+            logp.grad = None
+            t0 = timer.mark()
+            loss, _ = rk.rank_grpo_loss(
+                logp, inp.old_logp, inp.adv_rank, inp.segment_ids, inp.mask, backend=name,
+                validate=False, level="rank", loss_type="bnpo", epsilon_low=lo,
+                epsilon_high=hi)
+            loss.backward()
+            t1 = timer.mark()
+            return [t0, t1]
+
+        try:
+            r = measure(call, pairs, phases=("stage",), device=device, warmup=2,
+                        cell_budget_s=min(0.5, suite.cell_budget_s), max_reps=suite.max_reps,
+                        max_step_s=suite.max_step_s, min_reps=suite.min_reps)
+            r["status"] = "ok"
+            med = r["total_ms"].get("median")
+            r["share_of_step"] = med / step_ms if med and step_ms else None
+            for k in ("peak_raw_bytes", "peak_extra_bytes", "memory_method"):
+                r.pop(k, None)
+            rows[name] = r
+        except Exception as err:  # noqa: BLE001
+            rows[name] = _failure(err)
+    return {"step_contender": step_name, "step_ms": step_ms, "rows": rows,
+            "rule": "a Triton segment kernel is worth it only above 2% of the step"}
+
+
+def _fastest_logp_fn(device: torch.device):
+    """Log-probs for building old_logp: the first of triton, CCE, torch that works here."""
+    order = ["torch"]
+    if device.type == "cuda":
+        order = ["triton", "cce", "torch"] if rk.triton_available() else ["cce", "torch"]
+
+    def fn(h, w, y):
+        while True:
+            name = order[0]
+            try:
+                if name == "cce":
+                    from cut_cross_entropy import linear_cross_entropy
+
+                    return -linear_cross_entropy(h, w, y, reduction="none")
+                return rk.linear_logprobs(h, w, y, backend=name, validate=False)
+            except Exception as err:  # noqa: BLE001 - fall back to the next one
+                if len(order) == 1:
+                    raise
+                print(f"   (old_logp: {name} failed, {type(err).__name__}: "
+                      f"{str(err)[:120]}; using {order[1]})")
+                order.pop(0)
+    return fn
+
+
+class Clock:
+    def __init__(self, budget_s: float):
+        self.start = time.monotonic()
+        self.budget_s = budget_s
+
+    def left(self) -> float:
+        if not self.budget_s:
+            return float("inf")
+        return self.budget_s - (time.monotonic() - self.start)
+
+
+def _predict_skip(name, tokens, history, clock, suite) -> str | None:
+    """Skip reason from the contender's last measured size, or None."""
+    h = history.get(name)
+    if not h:
+        return None
+    if h.get("oom_at"):
+        return f"OOM at T={h['oom_at']} already"
+    if not h.get("step_s"):
+        return None
+    scale = tokens / h["tokens"]
+    step = h["step_s"] * scale
+    cost = h["cell_s"] * scale
+    if step > suite.max_step_s:
+        return (f"time cap: one step predicted at ~{step:.0f} s (T={h['tokens']} took "
+                f"{h['step_s']:.1f} s) > {suite.max_step_s:.0f} s")
+    if cost > clock.left():
+        return f"suite time budget: ~{cost:.0f} s needed, {max(clock.left(), 0):.0f} s left"
+    return None
+
+
+def run(suite: Suite, out_dir: Path, *, log=print, cce_cpu: bool = False,
+        plots: bool = True) -> dict:
+    device = torch.device(suite.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"suite {suite.name!r} needs a CUDA GPU and none is visible")
+    threads = torch.get_num_threads()
+    if suite.threads:
+        torch.set_num_threads(suite.threads)
+    try:
+        if suite.isolate:
+            return run_isolated(suite, out_dir, log=log, plots=plots)
+        return _run(suite, out_dir, device, log=log, cce_cpu=cce_cpu, plots=plots)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(suite: Suite, out_dir: Path, device: torch.device, *, log, cce_cpu: bool,
+         plots: bool) -> dict:
+    dtype = DTYPES[suite.dtype]
+    clock = Clock(suite.budget_s)
+    res = {"suite": suite.name, "env": E.environment(device),
+           "settings": _settings(suite), "configs": []}
+    log("\n".join(report.header_lines(res)))
+    made = {n: C.make(n, cce_cpu=cce_cpu) for n in suite.contenders}
+    skips = {n: c.skip_reason(device) for n, c in made.items()}
+    for n, why in skips.items():
+        if why:
+            log(f"skipped {n}: {why}")
+    history: dict[str, dict] = {}
+    logp_fn = _fastest_logp_fn(device)
+    for shape_name in suite.shapes:
+        shape = SHAPES[shape_name]
+        for tokens in sorted(suite.tokens):
+            rows, length = rows_for(tokens, min(suite.completion_len, tokens))
+            cfg = {"shape": shape.name, "hidden": shape.hidden, "vocab": shape.vocab,
+                   "tokens": tokens, "rows": rows, "row_len": length,
+                   "flops": F.model_flops(tokens, shape.hidden, shape.vocab), "cells": {}}
+            res["configs"].append(cfg)
+            if clock.left() <= 0:
+                for n in suite.contenders:
+                    cfg["cells"][n] = {"status": "skipped", "reason": "suite time budget spent"}
+                continue
+            log(f"\n== {shape.name} H={shape.hidden} V={shape.vocab} T={tokens} "
+                f"({rows} x {length}), {clock.left():.0f} s of budget left")
+            try:
+                sets = [make_inputs(tokens, shape.hidden, shape.vocab, dtype=dtype,
+                                    device=device, completion_len=suite.completion_len,
+                                    num_ranks=suite.num_ranks, seed=1000 * i + tokens,
+                                    logp_fn=logp_fn)
+                        for i in range(suite.input_sets)]
+                cfg["matmul"] = F.matmul_rate(tokens, shape.hidden, shape.vocab, dtype=dtype,
+                                              device=device, budget_s=min(1.0, suite.budget_s
+                                                                          or 1.0))
+            except Exception as err:  # noqa: BLE001
+                cfg["error"] = _failure(err)
+                log(f"   inputs/matmul failed: {cfg['error']['reason']}")
+                free_memory(device)
+                continue
+            log(f"   {cfg['matmul']['dtype']} matmul: {cfg['matmul']['tflops']:.2f} TFLOP/s")
+            for name, contender in made.items():
+                cell = _run_one(name, contender, skips[name], sets, suite, device, cfg,
+                                history, clock, tokens, log)
+                cfg["cells"][name] = cell
+            best = next((n for n in ("triton", "torch") if _ok(cfg["cells"].get(n))), None)
+            if suite.segment_table:
+                step_ms = report._step_ms(cfg["cells"][best]) if best else None
+                cfg["segment"] = segment_table(sets, suite, device, step_ms, best)
+                for n, r in cfg["segment"]["rows"].items():
+                    if r.get("status") == "ok":
+                        share = (f" = {report._pct(r['share_of_step'])} of the {best} step"
+                                 if best else "")
+                        log(f"   segment stage {n:10s} {r['total_ms']['median']:.3f} ms{share}")
+            del sets
+            free_memory(device)
+            res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
+            report.write(res, out_dir, plots=False)
+    res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
+    report.write(res, out_dir, plots=plots)
+    return res
+
+
+def _ok(cell):
+    return bool(cell) and cell.get("status") == "ok"
+
+
+def _run_one(name, contender, why, sets, suite, device, cfg, history, clock, tokens, log):
+    if why:
+        return {"status": "skipped", "reason": why, "level": contender.level, "static": True}
+    pred = _predict_skip(name, tokens, history, clock, suite)
+    if pred:
+        log(f"   {name:13s} skipped: {pred}")
+        status = "OOM" if pred.startswith("OOM") else "skipped"
+        return {"status": status, "reason": pred, "level": contender.level}
+    start = time.monotonic()
+    cell = measure_cell(contender, sets, suite, device, cfg["flops"], cfg.get("matmul"))
+    spent = time.monotonic() - start
+    cell["wall_s"] = round(spent, 2)
+    if cell["status"] == "ok":
+        st = cell["step"]
+        history[name] = {"tokens": tokens, "step_s": st["total_ms"]["median"] / 1e3,
+                         "cell_s": spent}
+        lp = cell.get("logp") or {}
+        log(f"   {name:13s} step {report._ms(st['total_ms'])} ms "
+            f"({report._f(st['tflops'])} TFLOP/s, {report._pct(st['frac_matmul'])} of mm, "
+            f"n={st['reps']}), no-grad {report._ms(lp.get('total_ms'))} ms, "
+            f"peak {report._mib(st['peak_extra_bytes'])} MiB  [{spent:.1f} s]")
+    else:
+        if cell["status"] == "OOM":
+            history[name] = {"oom_at": tokens}
+        log(f"   {name:13s} {cell['status']}: {cell.get('reason', '')[:150]}  [{spent:.1f} s]")
+    return cell
+
+
+def _settings(suite: Suite) -> dict:
+    from dataclasses import asdict
+
+    s = asdict(suite)
+    s["validate"] = False
+    s["loss_type"] = "bnpo"
+    s["epsilons"] = C.EPSILONS
+    return s
+
+
+# ---------------------------------------------------------------- isolated (one process each)
+
+def run_isolated(suite: Suite, out_dir: Path, *, log=print, plots: bool = True) -> dict:
+    """Each contender's memory in a fresh process (pinned mmap threshold), then its timing in
+    `suite.rounds` fresh processes, interleaved across contenders so that a change in the
+    machine's load falls on all of them."""
+    device = torch.device(suite.device)
+    clock = Clock(suite.budget_s)
+    res = {"suite": suite.name, "env": E.environment(device), "settings": _settings(suite),
+           "configs": []}
+    log("\n".join(report.header_lines(res)))
+    for shape_name in suite.shapes:
+        shape = SHAPES[shape_name]
+        for tokens in sorted(suite.tokens):
+            rows, length = rows_for(tokens, min(suite.completion_len, tokens))
+            cfg = {"shape": shape.name, "hidden": shape.hidden, "vocab": shape.vocab,
+                   "tokens": tokens, "rows": rows, "row_len": length,
+                   "flops": F.model_flops(tokens, shape.hidden, shape.vocab), "cells": {}}
+            res["configs"].append(cfg)
+            log(f"\n== {shape.name} H={shape.hidden} V={shape.vocab} T={tokens} "
+                f"({rows} x {length}), one process per contender and measurement")
+            cfg["matmul"] = F.matmul_rate(tokens, shape.hidden, shape.vocab,
+                                          dtype=DTYPES[suite.dtype], device=device)
+            log(f"   {cfg['matmul']['dtype']} matmul: {cfg['matmul']['tflops']:.3f} TFLOP/s")
+            args = ["--hidden", str(shape.hidden), "--vocab", str(shape.vocab),
+                    "--tokens", str(tokens), "--dtype", suite.dtype,
+                    "--completion-len", str(suite.completion_len),
+                    "--num-ranks", str(suite.num_ranks), "--max-reps", str(suite.max_reps),
+                    "--cell-budget-s", str(suite.cell_budget_s),
+                    "--threads", str(suite.threads)]
+            mem = {n: _worker(["--mode", "memory", "--contender", n, *args], log)
+                   for n in suite.contenders}
+            timing: dict[str, list[dict]] = {n: [] for n in suite.contenders}
+            for r in range(suite.rounds):
+                for n in suite.contenders:
+                    log(f"   timing {n} (round {r + 1}/{suite.rounds})")
+                    timing[n].append(_worker(["--mode", "time", "--contender", n, *args], log))
+            for n in suite.contenders:
+                cfg["cells"][n] = _merge(n, mem[n], timing[n], cfg["flops"], cfg["matmul"])
+            res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
+            report.write(res, out_dir, plots=False)
+    res["summary"] = cpu_summary(res)
+    res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
+    report.write(res, out_dir, plots=plots)
+    return res
+
+
+def _worker(argv: list[str], log) -> dict:
+    env = dict(os.environ)
+    if "--mode" in argv and argv[argv.index("--mode") + 1] == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # every block >= 128 KiB is its own mapping
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(E.REPO), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "bench.worker", *argv], env=env, cwd=E.REPO,
+                          capture_output=True, text=True)
+    for line in proc.stderr.splitlines()[-5:]:
+        if proc.returncode:
+            log(f"   worker: {line}")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            out = json.loads(line[len("BENCH_RESULT "):])
+            log(f"   worker {' '.join(argv[:4])}: {out.get('status')} "
+                f"{out.get('summary', '')}")
+            return out
+    return {"status": "error", "reason": f"worker exited {proc.returncode}: "
+            f"{(proc.stderr.strip().splitlines() or ['no output'])[-1][:300]}"}
+
+
+def _merge(name: str, mem: dict, rounds: list[dict], flop: dict, matmul: dict) -> dict:
+    bad = [r for r in [mem, *rounds] if r.get("status") != "ok"]
+    if bad:
+        return {"status": bad[0].get("status"), "reason": bad[0].get("reason"),
+                "level": "rank"}
+    from .timing import summarize
+
+    def pooled(key, phase):
+        xs = [x for r in rounds for x in r[key][f"{phase}_ms"]["samples"]]
+        return summarize(xs)
+
+    step = {"forward_ms": pooled("step", "forward"), "backward_ms": pooled("step", "backward"),
+            "total_ms": pooled("step", "total"), "reps": sum(r["step"]["reps"] for r in rounds),
+            "warmup_s": [w for r in rounds for w in r["step"]["warmup_s"]],
+            "rounds": len(rounds),
+            "peak_extra_bytes": mem["step"]["peak_extra_bytes"],
+            "peak_raw_bytes": mem["step"]["peak_raw_bytes"],
+            "memory_method": mem["step"]["memory_method"] + ", fresh process, mmap threshold "
+                                                          "128 KiB"}
+    step["tflops"] = F.tflops(flop["step"], step["total_ms"]["median"])
+    step["frac_matmul"] = step["tflops"] / matmul["tflops"] if matmul.get("tflops") else None
+    lp = {"status": "ok", "total_ms": pooled("logp", "total"),
+          "reps": sum(r["logp"]["reps"] for r in rounds),
+          "peak_extra_bytes": mem["logp"]["peak_extra_bytes"],
+          "peak_raw_bytes": mem["logp"]["peak_raw_bytes"]}
+    lp["tflops"] = F.tflops(flop["logp"], lp["total_ms"]["median"])
+    lp["frac_matmul"] = lp["tflops"] / matmul["tflops"] if matmul.get("tflops") else None
+    return {"status": "ok", "level": "rank", "note": mem.get("note", ""), "step": step,
+            "logp": lp, "rss_before_bytes": mem.get("rss_before_bytes")}
+
+
+def cpu_summary(res: dict) -> list[str]:
+    """The torch-vs-reference lines the `cpu` suite exists for."""
+    lines = []
+    for cfg in res["configs"]:
+        t, r = cfg["cells"].get("torch", {}), cfg["cells"].get("reference", {})
+        if t.get("status") != "ok" or r.get("status") != "ok":
+            lines.append(f"{cfg['shape']} T={cfg['tokens']}: torch {t.get('status')}, "
+                         f"reference {r.get('status')}")
+            continue
+        mib = report.MIB
+        tm, rm = t["step"]["peak_extra_bytes"], r["step"]["peak_extra_bytes"]
+        traw, rraw = t["step"]["peak_raw_bytes"], r["step"]["peak_raw_bytes"]
+        ts, rs = t["step"]["total_ms"]["median"], r["step"]["total_ms"]["median"]
+        lines += [
+            f"CPU memory benchmark: forward+backward, T={cfg['tokens']} H={cfg['hidden']} "
+            f"V={cfg['vocab']} {res['settings']['dtype']}, each contender in its own process",
+            f"  peak memory growth (VmHWM - VmRSS before the step):  torch {traw / mib:8.1f} MiB"
+            f"   reference {rraw / mib:8.1f} MiB   ratio {traw / rraw:.3f}",
+            f"  beyond the gradients dhidden+dW ({(traw - tm) / mib:.1f} MiB):           "
+            f"torch {tm / mib:8.1f} MiB   reference {rm / mib:8.1f} MiB   ratio {tm / rm:.3f}",
+            f"  memory ratio torch/reference = {traw / rraw:.3f} (target <= 0.10): "
+            f"{'PASS' if traw / rraw <= 0.10 else 'FAIL'}",
+            f"  step time (median of {t['step']['reps']} / {r['step']['reps']} calls): torch "
+            f"{ts / 1e3:.2f} s, reference {rs / 1e3:.2f} s",
+            f"  throughput torch/reference = {rs / ts:.2f}x (target >= 0.8x): "
+            f"{'PASS' if rs / ts >= 0.8 else 'FAIL'}",
+        ]
+    return lines
