@@ -1,0 +1,233 @@
+"""Phase 1 in Triton: the launcher for the fused log-prob kernels (backend="triton").
+
+Same contract as `logprobs_torch` (forward/backward, see there); kernels live in
+`triton_logprobs_fwd.py` and `triton_logprobs_bwd.py`, block sizes in `triton_config.py`.
+
+Forward (deterministic and batch-invariant, no atomics): grid of (token block, vocabulary
+split) programs, each a GEMM tile loop hidden @ W^T with an online max / sum-exp / entropy
+epilogue in fp32; a second tiny kernel folds the splits in a fixed order and gathers the target
+logit. No [N, V] tensor; extra memory 12 bytes x N x (V / v_split) for the split triples.
+
+Backward: one mode, deterministic (no atomics), the default and the only one. The vocabulary
+is cut into slabs; per slab a kernel recomputes the logit tiles and writes dz (fp32 math, cast
+to the operand dtype only for the GEMMs) into an [N, slab] buffer, then two GEMM kernels
+compute dW[slab] = dz^T @ hidden (written once, all tokens reduced in one program or in a fixed
+number of token splits summed in order) and dhidden += dz @ W[slab] (fp32 running sum, read and
+written by the tile's owner in slab order). Every FLOP of the 6*T*H*V is done once, with no
+atomics, so the result is bitwise reproducible. Why no atomic "fast mode": in a one-kernel
+design (each (token, vocab) tile adds its dh and dW contributions with fp32 atomics) the
+atomic traffic into L2 is (BLOCK_N + BLOCK_V) * H * 4 bytes per 6 * BLOCK_N * BLOCK_V * H
+FLOPs, about 6-7 TB/s at 600 TFLOP/s on an H100: above what L2 atomics sustain, and it needs
+fp32 copies of both dW and dhidden. The slab design pays instead 3 x N x V x 2 bytes of dz
+traffic and a fp32 read-add-write of dhidden per slab, which the GEMMs hide for H >= 896 at the
+default 64 MiB slab budget (see triton_config.py to change it).
+Extra memory: the dz slab (<= slab_mib, at least one 256-column slab), the dbias partials and,
+when hidden is not fp32 and there is more than one slab, an fp32 [N, H] dhidden accumulator.
+
+Dtypes: bf16, fp16 and fp32 inputs; logp, lse, entropy are fp32. fp64 inputs are served by the
+chunked torch backend (exact float64), not by these kernels. Under TRITON_INTERPRET=1 (CPU),
+bf16 operands are widened to fp32 on the host first, because the interpreter's bf16 arithmetic
+is wrong; results are then cast back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from . import logprobs_torch
+from .triton_config import Config, interpreting, select
+from .triton_logprobs_bwd import dhidden_kernel, dlogits_kernel, dweight_kernel
+from .triton_logprobs_fwd import LOG2E, lse_combine_kernel, lse_partial_kernel
+
+__all__ = ["forward", "backward"]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 operands: exact fp32 products (the default "tf32" would round them to 10 bits).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1, set "
+                           f"before triton is imported, for CPU tensors); got {x.device}")
+
+
+def _operands(hidden, weight, bias):
+    """Kernel operands: contiguous rows; bf16 widened to fp32 under the interpreter."""
+    h, w = hidden, weight
+    if interpreting() and h.dtype == torch.bfloat16:
+        h, w = h.float(), w.float()
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    return h, w, b
+
+
+def _config(h: torch.Tensor, vocab: int) -> Config:
+    return select(h.dtype, h.shape[1], vocab)
+
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+            bias: torch.Tensor | None, temperature: float, need_entropy: bool):
+    """hidden [N, H], weight [V, H], targets [N] (negative = ignored).
+
+    Returns (logp [N], lse [N], entropy [N] or None) in fp32; logp is 0 where the target is
+    ignored; entropy is computed for every row (always, so that logp is bitwise the same
+    with and without it).
+    """
+    if hidden.dtype == torch.float64:
+        return logprobs_torch.forward(hidden, weight, targets, bias, temperature, need_entropy)
+    _check_device(hidden)
+    h, w, b = _operands(hidden, weight, bias)
+    n, hdim = h.shape
+    vocab = w.shape[0]
+    dev = h.device
+    logp = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp)
+    if n == 0:
+        return logp, lse, ent if need_entropy else None
+    cfg = _config(h, vocab)
+    t = cfg.fwd
+    splits = triton.cdiv(vocab, cfg.v_split)
+    part = torch.empty(3, splits, n, dtype=torch.float32, device=dev)
+    scale = LOG2E / float(temperature)
+    tg = targets.contiguous()
+    prec = _precision(h.dtype)
+    lse_partial_kernel[(triton.cdiv(n, t.m) * splits,)](
+        h, w, b if b is not None else h, part,
+        n, vocab, hdim, h.stride(0), w.stride(0), scale, cfg.v_split, splits,
+        HAS_BIAS=b is not None, BLOCK_N=t.m, BLOCK_V=t.n, BLOCK_K=t.k, GROUP_N=cfg.group,
+        EVEN_K=hdim % t.k == 0, PRECISION=prec, num_warps=t.num_warps, num_stages=t.num_stages)
+    lse_combine_kernel[(triton.cdiv(n, cfg.combine_rows),)](
+        part, h, w, b if b is not None else h, tg, logp, lse, ent,
+        n, hdim, h.stride(0), w.stride(0), scale, splits,
+        HAS_BIAS=b is not None, BLOCK_R=cfg.combine_rows, BLOCK_K=cfg.combine_k, num_warps=4)
+    return logp, lse, ent if need_entropy else None
+
+
+def _dz_scale(dtype, g, ge, entropy, temperature, dev):
+    """Power-of-two factor applied to dz before its cast to the operand dtype (exact)."""
+    if dtype != torch.float16:
+        return torch.ones(1, dtype=torch.float32, device=dev)
+    # |dz| * temperature <= 2|g| + |ge| (1/e + H): lift that bound to ~2^14 (fp16 max 65504).
+    bound = 2 * g.abs()
+    if ge is not None:
+        bound = bound + ge.abs() * (0.37 + entropy.clamp(min=0))
+    bound = bound.max().reshape(1) / temperature
+    return torch.exp2(torch.floor(torch.log2(2.0**14 / bound.clamp(min=1e-30)))).clamp(
+        2.0**-100, 2.0**100)
+
+
+def _slab_width(cfg: Config, n: int, vocab: int, itemsize: int) -> int:
+    """dz slab columns: as wide as the budget allows, a multiple of 256 (and of the tiles)."""
+    quantum = math.lcm(256, cfg.dz.n, cfg.dh.k, cfg.dw.m)
+    cols = int(cfg.slab_mib * 2**20) // max(1, n * itemsize)
+    cols = max(quantum, cols - cols % quantum)
+    return min(cols, triton.cdiv(vocab, quantum) * quantum)
+
+
+def _num_sms(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).multi_processor_count
+    return 4
+
+
+def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+             bias: torch.Tensor | None, temperature: float, lse: torch.Tensor,
+             entropy: torch.Tensor | None, grad_logp: torch.Tensor,
+             grad_entropy: torch.Tensor | None, needs: tuple[bool, bool, bool]):
+    """Gradients of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. hidden, weight, bias.
+
+    dL/dz = [g (onehot(y) - p) - ge p (log p + H)] / temperature; rows with a negative target
+    contribute nothing (their g and ge are taken as 0). Returns (dhidden, dweight, dbias) in
+    the dtypes of the inputs, None where not needed. Deterministic (no atomics).
+    """
+    if hidden.dtype == torch.float64:
+        return logprobs_torch.backward(hidden, weight, targets, bias, temperature, lse, entropy,
+                                       grad_logp, grad_entropy, needs)
+    need_h, need_w, need_b = needs
+    need_b = need_b and bias is not None
+    if not (need_h or need_w or need_b):
+        return None, None, None
+    _check_device(hidden)
+    h, w, b = _operands(hidden, weight, bias)
+    n, hdim = h.shape
+    vocab = w.shape[0]
+    dev = h.device
+    if n == 0:
+        return (torch.zeros_like(hidden) if need_h else None,
+                torch.zeros_like(weight) if need_w else None,
+                torch.zeros_like(bias) if need_b else None)
+    cfg = _config(h, vocab)
+    prec = _precision(h.dtype)
+    g = grad_logp.to(torch.float32).contiguous()
+    has_ge = grad_entropy is not None and entropy is not None
+    ge = grad_entropy.to(torch.float32).contiguous() if has_ge else g
+    ent = entropy.contiguous() if has_ge else lse
+    dscale = _dz_scale(h.dtype, g, ge if has_ge else None, ent, temperature, dev)
+    scale = LOG2E / float(temperature)
+    inv_temp = 1.0 / float(temperature)
+    tg = targets.contiguous()
+
+    need_dz = need_h or need_w
+    slab = _slab_width(cfg, n, vocab, h.element_size())
+    num_slabs = triton.cdiv(vocab, slab)
+    t1, t2, t3 = cfg.dz, cfg.dw, cfg.dh
+    num_m1 = triton.cdiv(n, t1.m)
+    dz = torch.empty(n, slab, dtype=h.dtype, device=dev) if need_dz else h
+    dbp = torch.empty(num_m1, slab, dtype=torch.float32, device=dev) if need_b else lse
+    dh = torch.empty(n, hdim, dtype=h.dtype, device=dev) if need_h else None
+    dh_acc = None
+    if need_h:
+        dh_acc = dh if (dh.dtype == torch.float32 or num_slabs == 1) else torch.empty(
+            n, hdim, dtype=torch.float32, device=dev)
+    dw = torch.empty(vocab, hdim, dtype=w.dtype, device=dev) if need_w else None
+    db = torch.empty(vocab, dtype=torch.float32, device=dev) if need_b else None
+
+    # dW GEMM: split the token reduction when there are too few output tiles to fill the GPU.
+    dw_tiles = triton.cdiv(slab, t2.m) * triton.cdiv(hdim, t2.n)
+    want = 2 * _num_sms(dev)
+    splits = 1 if dw_tiles >= want else min(triton.cdiv(want, dw_tiles), triton.cdiv(n, 4 * t2.k))
+    tokens_per_split = triton.cdiv(triton.cdiv(n, splits), t2.k) * t2.k
+    splits = triton.cdiv(n, tokens_per_split)
+    dw_part = (torch.empty(splits, slab, hdim, dtype=torch.float32, device=dev)
+               if need_w and splits > 1 else None)
+
+    for i in range(num_slabs):
+        v0 = i * slab
+        width = min(slab, vocab - v0)
+        dlogits_kernel[(num_m1 * triton.cdiv(width, t1.n),)](
+            h, w, b if b is not None else h, tg, lse, ent, g, ge, dscale, dz, dbp,
+            n, vocab, hdim, h.stride(0), w.stride(0), v0, width, slab, scale, inv_temp,
+            HAS_BIAS=b is not None, HAS_GE=has_ge, NEED_DZ=need_dz, NEED_DB=need_b,
+            BLOCK_N=t1.m, BLOCK_V=t1.n, BLOCK_K=t1.k, EVEN_K=hdim % t1.k == 0,
+            PRECISION=prec, num_warps=t1.num_warps, num_stages=t1.num_stages)
+        if need_b:
+            torch.sum(dbp[:, :width], dim=0, out=db[v0:v0 + width])
+        if need_w:
+            out = dw_part if dw_part is not None else dw[v0:]
+            dweight_kernel[(triton.cdiv(width, t2.m) * triton.cdiv(hdim, t2.n), splits)](
+                dz, h, out, dscale, n, hdim, width, slab, h.stride(0), out.stride(-2),
+                out.stride(0) if dw_part is not None else 0, tokens_per_split,
+                BLOCK_V=t2.m, BLOCK_H=t2.n, BLOCK_K=t2.k, PRECISION=prec,
+                num_warps=t2.num_warps, num_stages=t2.num_stages)
+            if dw_part is not None:
+                dw[v0:v0 + width] = dw_part[:, :width].sum(0)
+        if need_h:
+            dhidden_kernel[(triton.cdiv(n, t3.m) * triton.cdiv(hdim, t3.n),)](
+                dz, w, dh_acc, dh, dscale, n, hdim, v0, width, slab, w.stride(0),
+                dh_acc.stride(0), dh.stride(0),
+                FIRST=i == 0, LAST=i == num_slabs - 1, BLOCK_N=t3.m, BLOCK_H=t3.n,
+                BLOCK_K=t3.k, PRECISION=prec, num_warps=t3.num_warps,
+                num_stages=t3.num_stages)
+
+    return (dh.to(hidden.dtype) if dh is not None else None,
+            dw.to(weight.dtype) if dw is not None else None,
+            db.to(bias.dtype) if db is not None else None)
