@@ -148,34 +148,51 @@ def compile_one(kernel, types, constexprs, num_warps, num_stages, arch):
             int(k.metadata.shared))
 
 
-def run(archs=(90, 80), dtypes=("bf16", "fp16", "fp32"), shapes=SHAPES, verbose=False):
-    results = []
-    seen = set()
+def _compile_job(job):
+    arch, dtype, shape, hidden, vocab, index = job
+    kernel, variant, cfg, types, consts, warps, stages = _kernel_specs(dtype, hidden, vocab)[index]
+    r = Result(kernel.__name__, variant, arch, dtype, shape, cfg)
+    try:
+        r.registers, r.spill_stores, r.spill_loads, r.shared = compile_one(
+            kernel, types, consts, warps, stages, arch)
+        if r.shared > SMEM_LIMIT[arch]:
+            r.error = f"shared memory {r.shared} > {SMEM_LIMIT[arch]}"
+    except Exception as e:  # noqa: BLE001 - report every failure
+        r.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+    return r
+
+
+def run(archs=(90, 80), dtypes=("bf16", "fp16", "fp32"), shapes=SHAPES, jobs=1,
+        verbose=False):
+    """Compile each distinct (arch, dtype, kernel, variant, config) once; list of Result."""
+    todo, seen = [], {}
     for arch in archs:
         for dtype in dtypes:
-            for shape, hidden, vocab in shapes:
-                for kernel, variant, cfg, types, consts, warps, stages in _kernel_specs(
-                        dtype, hidden, vocab):
-                    key = (arch, dtype, kernel.__name__, variant, cfg, tuple(sorted(
-                        consts.items())))
-                    if key in seen:  # same binary as for an earlier shape
-                        continue
-                    seen.add(key)
-                    r = Result(kernel.__name__, variant, arch, dtype, shape, cfg)
-                    try:
-                        r.registers, r.spill_stores, r.spill_loads, r.shared = compile_one(
-                            kernel, types, consts, warps, stages, arch)
-                        if r.shared > SMEM_LIMIT[arch]:
-                            r.error = f"shared memory {r.shared} > {SMEM_LIMIT[arch]}"
-                    except Exception as e:  # noqa: BLE001 - report every failure
-                        r.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-                    results.append(r)
-                    if verbose:
-                        print(_row(r), flush=True)
+            for _name, hidden, vocab in shapes:
+                for i, (kernel, variant, cfg, _, consts, *_rest) in enumerate(
+                        _kernel_specs(dtype, hidden, vocab)):
+                    key = (arch, dtype, kernel.__name__, variant, cfg,
+                           tuple(sorted(consts.items())))
+                    if key in seen:  # the same binary serves this shape too
+                        seen[key][2] += f"/{hidden}"
+                    else:
+                        seen[key] = [arch, dtype, f"H={hidden}", hidden, vocab, i]
+                        todo.append(seen[key])
+    todo = [tuple(j) for j in todo]
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            results = list(ex.map(_compile_job, todo))
+    else:
+        results = [_compile_job(j) for j in todo]
+    if verbose:
+        for r in results:
+            print(_row(r), flush=True)
     return results
 
 
-_HEAD = (f"{'arch':>4} {'dtype':5} {'kernel':20} {'variant':18} {'shape':13} {'config':24} "
+_HEAD = (f"{'arch':>4} {'dtype':5} {'kernel':20} {'variant':18} {'shapes':16} {'config':24} "
          f"{'regs':>4} {'spill st/ld':>11} {'smem':>7}  status")
 
 
@@ -184,7 +201,7 @@ def _row(r: Result) -> str:
     status = "ok" if r.ok else r.error
     if r.ok and (r.spill_stores > 0 or r.spill_loads > 0):
         status = "SPILLS"
-    return (f"sm{r.arch:<2} {r.dtype:5} {r.kernel:20} {r.variant:18} {r.shape:13} "
+    return (f"sm{r.arch:<2} {r.dtype:5} {r.kernel:20} {r.variant:18} {r.shape:16} "
             f"{r.config:24} {r.registers:>4} {spill:>11} {r.shared:>7}  {status}")
 
 
@@ -193,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, action="append", choices=(80, 90))
     ap.add_argument("--dtype", action="append", choices=("bf16", "fp16", "fp32"))
     ap.add_argument("--json", action="store_true", help="print one JSON object per kernel")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                    help="parallel compiler processes")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -201,6 +220,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with tempfile.TemporaryDirectory(prefix="rankgrpo-triton-cache-") as cache:
         # A cache hit skips ptxas and with it the register/spill log: compile afresh.
+        os.environ["TRITON_CACHE_DIR"] = cache  # for the worker processes
         from triton import knobs
         knobs.cache.dir = cache
         return _report(args)
@@ -210,7 +230,7 @@ def _report(args) -> int:
     if not args.json:
         print(_HEAD, flush=True)
     results = run(tuple(args.arch or (90, 80)), tuple(args.dtype or ("bf16", "fp16", "fp32")),
-                  verbose=not args.json)
+                  jobs=args.jobs, verbose=not args.json)
     if args.json:
         for r in results:
             print(json.dumps({**asdict(r), "ok": r.ok}))
