@@ -63,9 +63,30 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
                          "model.model_name_or_path")
     kw = _hf_kwargs(cfg) if (path is None and cfg.tokenizer_name_or_path is None) else {
         "trust_remote_code": cfg.trust_remote_code}
-    tok = AutoTokenizer.from_pretrained(src, **kw)
+    if _generic_fast_tokenizer(src):
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(src)
+    else:
+        tok = AutoTokenizer.from_pretrained(src, **kw)
     prepare_tokenizer(tok)
     return tok
+
+
+def _generic_fast_tokenizer(src: str) -> bool:
+    """A folder whose tokenizer was saved as a plain `tokenizers` tokenizer (e.g. one trained
+    in-process). AutoTokenizer would rebuild it as the model type's tokenizer class (a Qwen2
+    config gives Qwen2Tokenizer, with another pre-tokenizer), so it is loaded as saved."""
+    import json
+
+    cfg_file = Path(src) / "tokenizer_config.json"
+    if not (Path(src) / "tokenizer.json").exists() or not cfg_file.exists():
+        return False
+    try:
+        cls = json.loads(cfg_file.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError):
+        return False
+    return cls in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def prepare_tokenizer(tokenizer) -> Any:
