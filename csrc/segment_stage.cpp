@@ -167,13 +167,17 @@ std::tuple<Tensor, Tensor, Tensor> stage_cpu_typed(const Tensor& logp_t, const T
   const T* wk = wk_t.data_ptr<T>();
   const T* wn = wn_t.data_ptr<T>();
 
-  // 2. Per token: loss term, dl/dw, stats; per key Q_k = sum c_t dl_t/dw.
+  // 2. Per token: loss term, dl/dw, stats, and the KL part of g (kept in g until pass 3);
+  //    per key Q_k = sum c_t dl_t/dw.
   Tensor q_t = at::zeros({num_keys}, opts);
   T* q = q_t.data_ptr<T>();
+  Tensor g_t = at::empty_like(logp_t);
+  T* g = g_t.data_ptr<T>();
   std::vector<RowStats> row_stats(static_cast<size_t>(rows));
   for_rows(rows, cols, parallel, [&](int64_t b) {
     RowStats st;
     for (int64_t i = b * cols; i < (b + 1) * cols; ++i) {
+      g[i] = T(0);
       if (!mask[i]) continue;
       const T w = wk[key[i]];
       T term, dl_dw;
@@ -182,6 +186,7 @@ std::tuple<Tensor, Tensor, Tensor> stage_cpu_typed(const Tensor& logp_t, const T
         T er;
         const T kl = kl_k3(logp[i], ref[i], &er);
         term = term + p.beta * kl;
+        g[i] = c[i] * p.beta * (T(1) - er);
         st.kl_sum += static_cast<double>(kl);
       }
       q[key[i]] += c[i] * dl_dw;
@@ -196,22 +201,10 @@ std::tuple<Tensor, Tensor, Tensor> stage_cpu_typed(const Tensor& logp_t, const T
     row_stats[static_cast<size_t>(b)] = st;
   });
 
-  // 3. Per token gradient coefficient (writes are per token: always parallel).
-  Tensor g_t = at::empty_like(logp_t);
-  T* g = g_t.data_ptr<T>();
+  // 3. g_t = (w_k / n_k) Q_k + KL part (per-token writes: always parallel).
   at::parallel_for(0, rows * cols, kGrainTokens, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      if (!mask[i]) {
-        g[i] = T(0);
-        continue;
-      }
-      T gi = wn[key[i]] * q[key[i]];
-      if (p.has_kl) {
-        T er;
-        kl_k3(logp[i], ref[i], &er);
-        gi = gi + c[i] * p.beta * (T(1) - er);
-      }
-      g[i] = gi;
+      if (mask[i]) g[i] = wn[key[i]] * q[key[i]] + g[i];
     }
   });
 
