@@ -29,9 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), help="run the suite on another device "
                    "(e.g. a dry run of `standard` on CPU with tiny --shapes)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     p.add_argument("--cce-cpu", action="store_true", help="include Cut Cross-Entropy on CPU "
                    "(its torch_compile fallback; ~25 s compile)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-table", action="store_true", help="do not print the short table at "
+                   "the end (gpu_check.sh prints it itself)")
     p.add_argument("--show", type=Path, metavar="RESULTS_JSON",
                    help="print the short table of a recorded results.json and exit")
     return p.parse_args(argv)
@@ -50,13 +53,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         tokens=parse_ints(a.tokens, "--tokens") if a.tokens else None,
         contenders=parse_contenders(a.contenders) if a.contenders else None,
         completion_len=a.completion_len, budget_s=a.budget_s, max_step_s=a.max_step_s,
-        cell_budget_s=a.cell_budget_s, max_reps=a.max_reps, device=a.device, dtype=a.dtype)
+        cell_budget_s=a.cell_budget_s, max_reps=a.max_reps, device=a.device, dtype=a.dtype,
+        threads=a.threads)
     out = a.out or Path(__file__).resolve().parent / "out" / suite.name
     res = runner.run(suite, out, cce_cpu=a.cce_cpu, plots=not a.no_plots)
     print(f"\nwrote {out}/results.json, table.md" + ("" if a.no_plots else
                                                        ", time_vs_T.png, memory_vs_T.png"))
-    print(f"suite {suite.name} took {res.get('elapsed_s')} s\n")
-    print(report.short_table(res))
+    print(f"suite {suite.name} took {res.get('elapsed_s')} s")
+    if not a.no_table:
+        print("\n" + report.short_table(res))
     return res
 
 

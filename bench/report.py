@@ -73,7 +73,9 @@ def header_lines(res: dict) -> list[str]:
         f"{env['rankgrpo_kernels']['triton_available']}, native_available="
         f"{env['rankgrpo_kernels']['native_available']})",
         f"dtype {res['settings']['dtype']}, {res['settings']['num_ranks']} ranks per "
-        f"completion; loadavg at start {env['loadavg_at_start']}",
+        f"completion; torch threads {env['torch_threads']}; loadavg at start "
+        f"{env['loadavg_at_start']}" + (f", at end {res['loadavg_at_end']}"
+                                        if res.get("loadavg_at_end") else ""),
     ]
     return lines
 
@@ -240,7 +242,8 @@ def plot(res: dict, out_dir: Path) -> dict[str, Path]:
             ("time", "time_vs_T.png", "step time (ms, median)", _step_ms),
             ("memory", "memory_vs_T.png", "peak memory beyond inputs/outputs (MiB)",
              lambda c: (c or {}).get("step", {}).get("peak_extra_bytes"))):
-        fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(shapes), figsize=(max(7.0, 5 * len(shapes)), 4.4),
+                                 squeeze=False)
         for ax, shape in zip(axes[0], shapes):
             cfgs = [c for c in res["configs"] if c["shape"] == shape]
             names = list(dict.fromkeys(n for c in cfgs for n in c["cells"]))
@@ -266,8 +269,9 @@ def plot(res: dict, out_dir: Path) -> dict[str, Path]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
         env = res["env"]
-        fig.suptitle(f"rankgrpo bench `{res['suite']}` - {env['machine']} - "
-                     f"{env['date'][:10]} - {env['git']['commit'][:10]}", fontsize=9)
+        fig.suptitle(f"rankgrpo bench `{res['suite']}`, {res['settings']['dtype']}\n"
+                     f"{env['machine']}, {env['date'][:10]}, commit {env['git']['commit'][:10]}",
+                     fontsize=9)
         fig.tight_layout()
         path = out_dir / fname
         fig.savefig(path, dpi=110)

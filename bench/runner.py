@@ -197,9 +197,11 @@ class Clock:
         return self.budget_s - (time.monotonic() - self.start)
 
 
-def _predict_skip(name, tokens, history, clock, suite) -> str | None:
-    """Skip reason from the contender's last measured size, or None."""
-    h = history.get(name)
+def _predict_skip(key, tokens, history, clock, suite) -> str | None:
+    """Skip reason from the contender's last measured size of this shape, or None."""
+    if clock.left() <= 0:
+        return "suite time budget spent"
+    h = history.get(key)
     if not h:
         return None
     if h.get("oom_at"):
@@ -294,6 +296,7 @@ def _run(suite: Suite, out_dir: Path, device: torch.device, *, log, cce_cpu: boo
             res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
             report.write(res, out_dir, plots=False)
     res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
+    res["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.write(res, out_dir, plots=plots)
     return res
 
@@ -305,7 +308,8 @@ def _ok(cell):
 def _run_one(name, contender, why, sets, suite, device, cfg, history, clock, tokens, log):
     if why:
         return {"status": "skipped", "reason": why, "level": contender.level, "static": True}
-    pred = _predict_skip(name, tokens, history, clock, suite)
+    key = (cfg["shape"], name)
+    pred = _predict_skip(key, tokens, history, clock, suite)
     if pred:
         log(f"   {name:13s} skipped: {pred}")
         status = "OOM" if pred.startswith("OOM") else "skipped"
@@ -316,8 +320,8 @@ def _run_one(name, contender, why, sets, suite, device, cfg, history, clock, tok
     cell["wall_s"] = round(spent, 2)
     if cell["status"] == "ok":
         st = cell["step"]
-        history[name] = {"tokens": tokens, "step_s": st["total_ms"]["median"] / 1e3,
-                         "cell_s": spent}
+        history[key] = {"tokens": tokens, "step_s": st["total_ms"]["median"] / 1e3,
+                        "cell_s": spent}
         lp = cell.get("logp") or {}
         log(f"   {name:13s} step {report._ms(st['total_ms'])} ms "
             f"({report._f(st['tflops'])} TFLOP/s, {report._pct(st['frac_matmul'])} of mm, "
@@ -325,7 +329,7 @@ def _run_one(name, contender, why, sets, suite, device, cfg, history, clock, tok
             f"peak {report._mib(st['peak_extra_bytes'])} MiB  [{spent:.1f} s]")
     else:
         if cell["status"] == "OOM":
-            history[name] = {"oom_at": tokens}
+            history[key] = {"oom_at": tokens}
         log(f"   {name:13s} {cell['status']}: {cell.get('reason', '')[:150]}  [{spent:.1f} s]")
     return cell
 
@@ -383,6 +387,7 @@ def run_isolated(suite: Suite, out_dir: Path, *, log=print, plots: bool = True) 
             report.write(res, out_dir, plots=False)
     res["summary"] = cpu_summary(res)
     res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
+    res["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.write(res, out_dir, plots=plots)
     return res
 
@@ -451,9 +456,13 @@ def cpu_summary(res: dict) -> list[str]:
         tm, rm = t["step"]["peak_extra_bytes"], r["step"]["peak_extra_bytes"]
         traw, rraw = t["step"]["peak_raw_bytes"], r["step"]["peak_raw_bytes"]
         ts, rs = t["step"]["total_ms"]["median"], r["step"]["total_ms"]["median"]
+        env = res["env"]
         lines += [
             f"CPU memory benchmark: forward+backward, T={cfg['tokens']} H={cfg['hidden']} "
             f"V={cfg['vocab']} {res['settings']['dtype']}, each contender in its own process",
+            f"  {env['machine']}, torch threads {env['torch_threads']}, load average "
+            f"{env['loadavg_at_start'][0]} at start, {res.get('loadavg_at_end', ['?'])[0]} "
+            f"at end (other jobs share this machine)",
             f"  peak memory growth (VmHWM - VmRSS before the step):  torch {traw / mib:8.1f} MiB"
             f"   reference {rraw / mib:8.1f} MiB   ratio {traw / rraw:.3f}",
             f"  beyond the gradients dhidden+dW ({(traw - tm) / mib:.1f} MiB):           "

@@ -74,7 +74,7 @@ SUITES = {
         notes=("CI smoke run: tiny shapes, one thread, numbers are not performance data",)),
     "cpu": Suite(
         name="cpu", device="cpu", dtype="float32", shapes=("cpu-4k",), tokens=(4096,),
-        contenders=("torch", "reference"), isolate=True, max_reps=3, cell_budget_s=30.0,
+        contenders=("torch", "reference"), isolate=True, max_reps=2, cell_budget_s=30.0,
         max_step_s=600.0, rounds=2, segment_table=False,
         notes=("each contender in its own process; memory = growth of the process's peak "
                "resident set (VmHWM) over the step, in a process whose glibc mmap threshold "
@@ -83,7 +83,10 @@ SUITES = {
         name="standard", device="cuda", dtype="bfloat16",
         shapes=("qwen2.5-0.5b", "llama-3.2-3b", "qwen2.5-7b"), tokens=(8192, 32768),
         contenders=ALL_CONTENDERS, input_sets=2, warmup=1, max_reps=25, cell_budget_s=1.5,
-        max_step_s=12.0, budget_s=330.0),
+        max_step_s=5.0, budget_s=330.0,
+        notes=("contenders run in the order listed; a size whose step is predicted (linearly "
+               "in T from the previous size) above 5 s, or past the suite's time budget, is "
+               "skipped with the prediction as the reason",)),
 }
 
 _CUSTOM_SHAPE = re.compile(r"^(\d+)x(\d+)$")
