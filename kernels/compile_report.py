@@ -106,6 +106,32 @@ def _kernel_specs(dtype: str, hidden: int, vocab: int):
     return specs
 
 
+# Integer arguments the JIT turns into a constexpr when they are 1 (Triton specialises the
+# value 1): compile those cases too, since `x.to(...)` on such an argument breaks only there.
+_ONE = {"lse_partial_kernel": ("num_splits",), "lse_combine_kernel": ("num_splits",),
+        "dlogits_kernel": ("N", "slab_len"), "dweight_kernel": ("N", "slab_len"),
+        "dhidden_kernel": ("N", "slab_len")}
+
+
+def _edge_specs(dtype: str, hidden: int, vocab: int):
+    """One variant per kernel with every argument of _ONE specialised to 1."""
+    out, done = [], set()
+    for kernel, variant, cfg, types, consts, warps, stages in _kernel_specs(dtype, hidden,
+                                                                            vocab):
+        if kernel.__name__ in done:
+            continue
+        done.add(kernel.__name__)
+        ones = {name: 1 for name in _ONE[kernel.__name__]}
+        out.append((kernel, variant + ",=1:" + "+".join(ones), cfg,
+                    {k: v for k, v in types.items() if k not in ones}, {**consts, **ones},
+                    warps, stages))
+    return out
+
+
+def _specs(dtype: str, hidden: int, vocab: int, edge: bool):
+    return _edge_specs(dtype, hidden, vocab) if edge else _kernel_specs(dtype, hidden, vocab)
+
+
 def _divisible(name: str, typ: str) -> bool:
     """What the JIT would specialise at the real shapes: 16-byte aligned pointers, strides
     and sizes that are multiples of 16 (H and V of every DESIGN.md model are); N is never
@@ -149,8 +175,9 @@ def compile_one(kernel, types, constexprs, num_warps, num_stages, arch):
 
 
 def _compile_job(job):
-    arch, dtype, shape, hidden, vocab, index = job
-    kernel, variant, cfg, types, consts, warps, stages = _kernel_specs(dtype, hidden, vocab)[index]
+    arch, dtype, shape, hidden, vocab, edge, index = job
+    kernel, variant, cfg, types, consts, warps, stages = _specs(dtype, hidden, vocab,
+                                                                 edge)[index]
     r = Result(kernel.__name__, variant, arch, dtype, shape, cfg)
     try:
         r.registers, r.spill_stores, r.spill_loads, r.shared = compile_one(
@@ -169,15 +196,17 @@ def run(archs=(90, 80), dtypes=("bf16", "fp16", "fp32"), shapes=SHAPES, jobs=1,
     for arch in archs:
         for dtype in dtypes:
             for _name, hidden, vocab in shapes:
-                for i, (kernel, variant, cfg, _, consts, *_rest) in enumerate(
-                        _kernel_specs(dtype, hidden, vocab)):
-                    key = (arch, dtype, kernel.__name__, variant, cfg,
-                           tuple(sorted(consts.items())))
-                    if key in seen:  # the same binary serves this shape too
-                        seen[key][2] += f"/{hidden}"
-                    else:
-                        seen[key] = [arch, dtype, f"H={hidden}", hidden, vocab, i]
-                        todo.append(seen[key])
+                # Edge variants (arguments equal to 1) for compile errors, once per arch.
+                for edge in ((False, True) if dtype == dtypes[0] else (False,)):
+                    for i, (kernel, variant, cfg, _, consts, *_rest) in enumerate(
+                            _specs(dtype, hidden, vocab, edge)):
+                        key = (arch, dtype, kernel.__name__, variant, cfg,
+                               tuple(sorted(consts.items())))
+                        if key in seen:  # the same binary serves this shape too
+                            seen[key][2] += f"/{hidden}"
+                        else:
+                            seen[key] = [arch, dtype, f"H={hidden}", hidden, vocab, edge, i]
+                            todo.append(seen[key])
     todo = [tuple(j) for j in todo]
     if jobs > 1:
         import multiprocessing as mp
@@ -192,7 +221,7 @@ def run(archs=(90, 80), dtypes=("bf16", "fp16", "fp32"), shapes=SHAPES, jobs=1,
     return results
 
 
-_HEAD = (f"{'arch':>4} {'dtype':5} {'kernel':20} {'variant':18} {'shapes':16} {'config':24} "
+_HEAD = (f"{'arch':>4} {'dtype':5} {'kernel':20} {'variant':28} {'shapes':16} {'config':24} "
          f"{'regs':>4} {'spill st/ld':>11} {'smem':>7}  status")
 
 
@@ -201,7 +230,7 @@ def _row(r: Result) -> str:
     status = "ok" if r.ok else r.error
     if r.ok and (r.spill_stores > 0 or r.spill_loads > 0):
         status = "SPILLS"
-    return (f"sm{r.arch:<2} {r.dtype:5} {r.kernel:20} {r.variant:18} {r.shape:16} "
+    return (f"sm{r.arch:<2} {r.dtype:5} {r.kernel:20} {r.variant:28} {r.shape:16} "
             f"{r.config:24} {r.registers:>4} {spill:>11} {r.shared:>7}  {status}")
 
 

@@ -117,7 +117,7 @@ def lse_partial_kernel(h_ptr, w_ptr, b_ptr, part_ptr,
 
     row_ok = offs_n < N
     out = part_ptr + split.to(tl.int64) * N + offs_n
-    plane = num_splits.to(tl.int64) * N
+    plane = tl.cast(num_splits, tl.int64) * N  # (num_splits may be a constexpr 1)
     tl.store(out, m_i, mask=row_ok)
     tl.store(out + plane, s_i, mask=row_ok)
     tl.store(out + 2 * plane, q_i, mask=row_ok)
@@ -135,7 +135,7 @@ def lse_combine_kernel(part_ptr, h_ptr, w_ptr, b_ptr, tgt_ptr, logp_ptr, lse_ptr
     pid = tl.program_id(0)
     offs = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs < N
-    plane = num_splits.to(tl.int64) * N
+    plane = tl.cast(num_splits, tl.int64) * N  # (num_splits may be a constexpr 1)
 
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     p = part_ptr + offs
