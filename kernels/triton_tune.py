@@ -1,0 +1,117 @@
+"""Time the Triton phase-1 kernels for a few candidate configurations on a CUDA GPU.
+
+    python -m rankgrpo_kernels.triton_tune                 # default + candidates, ~2-3 min
+    python -m rankgrpo_kernels.triton_tune --only-default --tokens 32768
+
+For each shape and configuration: the no-grad forward (2*T*H*V FLOPs) and forward+backward
+(8*T*H*V), in ms and TFLOP/s, next to torch's bf16 matmul rate on the same GPU (the [T, H] @
+[H, V-chunk] GEMM), and the extra peak memory of forward+backward beyond inputs and
+gradients. A winning configuration goes into triton_config.py, or is set per run with
+RANKGRPO_TRITON_CONFIG (the printed string).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+SHAPES = {"qwen2.5-0.5b": (896, 151936), "llama-3.2-3b": (3072, 128256),
+          "qwen2.5-7b": (3584, 152064)}
+# Candidate overrides (RANKGRPO_TRITON_CONFIG syntax); "" is the table's default.
+CANDIDATES = [
+    "",
+    "fwd=64x128x64w4s4,dz=64x128x64w4s4",        # 2 CTAs/SM: one's epilogue hides behind MMA
+    "fwd=128x128x64w8s3,dz=128x128x64w8s3,v_split=16384",
+    "dw=128x256x64w8s3",
+    "slab_mib=256",
+]
+
+
+def _time(fn, reps):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _matmul_tflops(T, H, V):
+    a = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(min(V, 32768), H, device="cuda", dtype=torch.bfloat16)
+    ms = _time(lambda: a @ b.t(), 10)
+    return 2 * T * H * b.shape[0] / ms / 1e9
+
+
+def _measure(lt, tc, spec, h, w, y, g, reps):
+    """(forward ms, forward+backward ms, extra peak MiB) under one configuration."""
+    T, H = h.shape
+    V = w.shape[0]
+
+    def fwd():
+        return lt.forward(h, w, y, None, 1.0, False)
+
+    def fwd_bwd():
+        logp, lse, ent = lt.forward(h, w, y, None, 1.0, True)
+        return lt.backward(h, w, y, None, 1.0, lse, ent, g, None, (True, True, False))
+
+    with tc.override(**tc._parse_spec(spec)):
+        t_f = _time(fwd, reps)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t_fb = _time(fwd_bwd, reps)
+        # dh and dW (bf16) are the caller's; the rest is the kernels' own memory.
+        extra = (torch.cuda.max_memory_allocated() - base - (T * H + V * H) * 2) / 2**20
+    return t_f, t_fb, extra
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--only-default", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from . import logprobs_triton as lt
+    from . import triton_config as tc
+
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {__import__('triton').__version__}  T={args.tokens}")
+    cands = CANDIDATES[:1] if args.only_default else CANDIDATES
+    for name in args.shapes.split(","):
+        H, V = SHAPES[name]
+        T = args.tokens
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        h = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
+        w = (torch.randn(V, H, device="cuda", generator=gen) * H**-0.5).bfloat16()
+        y = torch.randint(0, V, (T,), device="cuda", generator=gen)
+        g = torch.randn(T, device="cuda", generator=gen) / T
+        mm = _matmul_tflops(T, H, V)
+        print(f"\n## {name} H={H} V={V}: torch bf16 matmul {mm:.0f} TFLOP/s")
+        print(f"{'config':58} {'fwd ms':>8} {'TF/s':>6} {'%mm':>5} {'f+b ms':>8} {'TF/s':>6} "
+              f"{'%mm':>5} {'extra MiB':>9}")
+        for spec in cands:
+            try:
+                t_f, t_fb, extra = _measure(lt, tc, spec, h, w, y, g, args.reps)
+                tf_f = 2 * T * H * V / t_f / 1e9
+                tf_fb = 8 * T * H * V / t_fb / 1e9
+                print(f"{spec or '(default)':58} {t_f:8.2f} {tf_f:6.0f} {100 * tf_f / mm:5.0f} "
+                      f"{t_fb:8.2f} {tf_fb:6.0f} {100 * tf_fb / mm:5.0f} {extra:9.0f}",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on with the next one
+                print(f"{spec:58} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
