@@ -141,12 +141,27 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, device: str | None 
                                           None if dtype == "auto" else dtype)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=attn,
                                                      **kw)
+        if "gguf_file" in kw:
+            _forget_gguf_quantizer(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if device is not None:
         model = model.to(device)
     return model
+
+
+def _forget_gguf_quantizer(model) -> None:
+    """transformers dequantizes a GGUF file into ordinary float weights but keeps a "gguf"
+    quantizer tag that makes save_pretrained refuse; the trained model is a plain one."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for obj in (model.config, getattr(model, "generation_config", None)):
+        if obj is not None and hasattr(obj, "quantization_config"):
+            try:
+                delattr(obj, "quantization_config")
+            except AttributeError:
+                pass
 
 
 def base_model(model):

@@ -36,6 +36,13 @@ class RolloutOutput:
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
+    def to(self, device: torch.device | str) -> RolloutOutput:
+        """The same completions with every tensor on `device` (texts unchanged)."""
+        return RolloutOutput(self.prompt_ids.to(device), self.prompt_mask.to(device),
+                             self.completion_ids.to(device),
+                             self.completion_mask.to(device).bool(), self.texts,
+                             self.truncated.to(device))
+
     def select(self, rows: slice | Sequence[int]) -> RolloutOutput:
         idx = rows if isinstance(rows, slice) else torch.as_tensor(list(rows), dtype=torch.long)
         texts = self.texts[rows] if isinstance(rows, slice) else [self.texts[i] for i in rows]

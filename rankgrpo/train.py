@@ -192,7 +192,7 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
             out = engine.generate([enc.prompt_ids[i] for i in which],
                                   max_new_tokens=cfg.max_completion_length,
                                   temperature=cfg.temperature, top_p=cfg.top_p,
-                                  top_k=cfg.top_k)
+                                  top_k=cfg.top_k).to(acc.device)  # any Rollout's output
         t1 = time.perf_counter()
         recs = [enc.records[i] for i in which]
         scored = score_rollout(out, recs, catalog=catalog, tokenizer=tokenizer,
