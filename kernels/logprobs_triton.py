@@ -8,21 +8,26 @@ split) programs, each a GEMM tile loop hidden @ W^T with an online max / sum-exp
 epilogue in fp32; a second tiny kernel folds the splits in a fixed order and gathers the target
 logit. No [N, V] tensor; extra memory 12 bytes x N x (V / v_split) for the split triples.
 
-Backward: one mode, deterministic (no atomics), the default and the only one. The vocabulary
-is cut into slabs; per slab a kernel recomputes the logit tiles and writes dz (fp32 math, cast
-to the operand dtype only for the GEMMs) into an [N, slab] buffer, then two GEMM kernels
-compute dW[slab] = dz^T @ hidden (written once, all tokens reduced in one program or in a fixed
-number of token splits summed in order) and dhidden += dz @ W[slab] (fp32 running sum, read and
-written by the tile's owner in slab order). Every FLOP of the 6*T*H*V is done once, with no
-atomics, so the result is bitwise reproducible. Why no atomic "fast mode": in a one-kernel
-design (each (token, vocab) tile adds its dh and dW contributions with fp32 atomics) the
-atomic traffic into L2 is (BLOCK_N + BLOCK_V) * H * 4 bytes per 6 * BLOCK_N * BLOCK_V * H
-FLOPs, about 6-7 TB/s at 600 TFLOP/s on an H100: above what L2 atomics sustain, and it needs
-fp32 copies of both dW and dhidden. The slab design pays instead 3 x N x V x 2 bytes of dz
-traffic and a fp32 read-add-write of dhidden per slab, which the GEMMs hide for H >= 896 at the
-default 64 MiB slab budget (see triton_config.py to change it).
-Extra memory: the dz slab (<= slab_mib, at least one 256-column slab), the dbias partials and,
-when hidden is not fp32 and there is more than one slab, an fp32 [N, H] dhidden accumulator.
+Backward: deterministic (no atomics), the default and only mode. The vocabulary is cut into
+slabs; per slab a kernel recomputes the logit tiles and writes dz (fp32 math, cast to the
+operand dtype only as a GEMM operand) into an [N, slab] buffer, then two GEMM kernels compute
+dW[slab] = dz^T @ hidden (written once: all tokens are reduced inside one program, or in a fixed
+number of token splits summed in a fixed order) and dhidden += dz @ W[slab] (an fp32 running
+sum, read and written only by the program that owns the tile, in slab order). Each of the
+6*T*H*V backward FLOPs is done once and the result is bitwise reproducible.
+Why no atomic "fast mode": the one-kernel alternative (each (token, vocab) tile adds its dh and
+dW contributions with fp32 atomics, as Cut Cross-Entropy does) sends (BLOCK_N + BLOCK_V) * H * 4
+bytes of atomics to L2 per 6 * BLOCK_N * BLOCK_V * H FLOPs, about 6 TB/s at 600 TFLOP/s with
+128 x 128 tiles, more than L2 atomics are likely to sustain, and it needs fp32 copies of both dW
+and dhidden. The slab design pays instead ~3 x N x V x 2 bytes of dz traffic and one fp32
+read-add-write of dhidden per slab. Both estimates are unmeasured; `triton_tune.py` measures
+the slab design per configuration (a larger slab_mib means fewer dhidden passes).
+Extra memory: the dz slab (<= slab_mib = 64 MiB by default, at least one 256-column slab), the
+split-token dW partials when the slab has too few dW tiles to fill the GPU, the dbias partials,
+and, when hidden is not fp32 and there is more than one slab, an fp32 [N, H] dhidden
+accumulator (the result is cast to hidden's dtype in the last slab's GEMM epilogue).
+For fp16 operands dz is multiplied by a power of two before its cast (exact), so that small
+probabilities do not flush to fp16 zero; the GEMMs divide it out in fp32.
 
 Dtypes: bf16, fp16 and fp32 inputs; logp, lse, entropy are fp32. fp64 inputs are served by the
 chunked torch backend (exact float64), not by these kernels. Under TRITON_INTERPRET=1 (CPU),
