@@ -182,7 +182,7 @@ def test_sft_loss_is_completion_cross_entropy(world):
     logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                            torch.where(lmask, ids[:, 1:], -100).reshape(-1))
-    assert float(loss) == pytest.approx(float(ce), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ce.detach()), rel=1e-5)
     # the completion (not the prompt) is what is trained: first loss token is the first
     # completion token
     assert int(lmask[0].nonzero()[0]) == ex[0].prompt_length - 1
