@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -87,50 +88,78 @@ void for_rows(int64_t rows, int64_t cols, bool parallel, const F& fn) {
   });
 }
 
-[[noreturn]] void raise_bad_key(const int64_t* key, const bool* mask, int64_t n_tokens,
-                                int64_t num_keys) {
-  for (int64_t i = 0; i < n_tokens; ++i) {
-    TORCH_CHECK(!mask[i] || (key[i] >= 0 && key[i] < num_keys), "segment_stage: key[", i,
-                "] = ", key[i], " is outside [0, num_keys=", num_keys, ") on a masked token");
+// Per-key accumulation in token order that keeps the running sum of a run of equal keys in
+// registers: the same additions in the same order as `buf[k] += v` token by token (bitwise
+// the same sums), without a store per token into cache lines that other threads write too
+// (the neighbouring rows' keys).
+template <typename T, int N>
+struct KeyRuns {
+  std::array<T*, N> buf;
+  std::array<T, N> acc{};
+  int64_t cur = -1;
+
+  void add(int64_t k, const std::array<T, N>& v) {
+    if (k != cur) {
+      flush();
+      cur = k;
+      for (int j = 0; j < N; ++j) acc[j] = buf[j][k];
+    }
+    for (int j = 0; j < N; ++j) acc[j] += v[j];
   }
-  TORCH_CHECK(false, "segment_stage: a key is outside [0, num_keys) on a masked token");
+  void flush() {
+    if (cur >= 0) {
+      for (int j = 0; j < N; ++j) buf[j][cur] = acc[j];
+    }
+    cur = -1;
+  }
+};
+
+// Index of the first masked token whose key is outside [0, num_keys), or -1.
+int64_t first_bad_key(const Tensor& key_t, const Tensor& mask_t, int64_t num_keys) {
+  const int64_t* key = key_t.data_ptr<int64_t>();
+  const bool* mask = mask_t.data_ptr<bool>();
+  const int64_t n = key_t.numel();
+  bool any_bad = false;  // branch-free first pass (vectorises), then find the index
+  for (int64_t i = 0; i < n; ++i) {
+    any_bad |= mask[i] & (static_cast<uint64_t>(key[i]) >= static_cast<uint64_t>(num_keys));
+  }
+  if (!any_bad) return -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (mask[i] && (key[i] < 0 || key[i] >= num_keys)) return i;
+  }
+  return -1;
 }
 
 // Pass 1: per-key token counts n and log-ratio sums s, each key summed in token order.
-// Returns whether every row keeps to its own key range (then the later scatter pass may run
-// rows in parallel too). Raises on a masked key outside [0, num_keys).
+// Keys must be in range (checked before). Returns whether every row keeps to its own key
+// range: then rows run in parallel (here and in pass 2), else serially in token order.
 template <typename T>
 bool key_sums(const T* logp, const T* old, const int64_t* key, const bool* mask, int64_t rows,
               int64_t cols, int64_t num_keys, T* n, T* s) {
   auto add_row = [&](int64_t b) {
+    KeyRuns<T, 2> sums{{n, s}};
     for (int64_t i = b * cols; i < (b + 1) * cols; ++i) {
-      if (!mask[i]) continue;
-      n[key[i]] += T(1);
-      s[key[i]] += logp[i] - old[i];
+      if (mask[i]) sums.add(key[i], {T(1), logp[i] - old[i]});
     }
+    sums.flush();
   };
   const bool divisible = rows > 0 && num_keys % rows == 0;
   const int64_t per_row = divisible ? num_keys / rows : 0;
-  std::atomic<bool> local{divisible}, bad{false};
-  if (divisible) {  // check each row's keys, then add it when they are its own
+  std::atomic<bool> local{divisible};
+  if (divisible) {  // check each row's keys, then add the row when they are its own
     for_rows(rows, cols, true, [&](int64_t b) {
       const int64_t lo = b * per_row, hi = lo + per_row;
-      bool row_bad = false, row_local = true;
+      bool row_local = true;
       for (int64_t i = b * cols; i < (b + 1) * cols; ++i) {
-        if (!mask[i]) continue;
-        row_bad |= key[i] < 0 || key[i] >= num_keys;
-        row_local &= key[i] >= lo && key[i] < hi;
+        row_local &= !mask[i] || (key[i] >= lo && key[i] < hi);
       }
-      if (row_bad) bad = true;
-      if (!row_local) local = false;
-      if (row_local) add_row(b);
+      if (row_local) {
+        add_row(b);
+      } else {
+        local = false;
+      }
     });
-  } else {
-    for (int64_t i = 0; i < rows * cols && !bad; ++i) {
-      bad = mask[i] && (key[i] < 0 || key[i] >= num_keys);
-    }
   }
-  if (bad) raise_bad_key(key, mask, rows * cols, num_keys);
   if (!local) {  // shared keys: start over, serially in token order
     std::fill(n, n + num_keys, T(0));
     std::fill(s, s + num_keys, T(0));
@@ -176,6 +205,7 @@ std::tuple<Tensor, Tensor, Tensor> stage_cpu_typed(const Tensor& logp_t, const T
   std::vector<RowStats> row_stats(static_cast<size_t>(rows));
   for_rows(rows, cols, parallel, [&](int64_t b) {
     RowStats st;
+    KeyRuns<T, 1> q_sums{{q}};
     for (int64_t i = b * cols; i < (b + 1) * cols; ++i) {
       g[i] = T(0);
       if (!mask[i]) continue;
@@ -189,7 +219,7 @@ std::tuple<Tensor, Tensor, Tensor> stage_cpu_typed(const Tensor& logp_t, const T
         g[i] = c[i] * p.beta * (T(1) - er);
         st.kl_sum += static_cast<double>(kl);
       }
-      q[key[i]] += c[i] * dl_dw;
+      q_sums.add(key[i], {c[i] * dl_dw});
       st.loss += static_cast<double>(term * c[i]);
       st.count += 1;
       st.clip_low += (w < p.lo && adv[i] < T(0)) ? 1 : 0;
@@ -198,6 +228,7 @@ std::tuple<Tensor, Tensor, Tensor> stage_cpu_typed(const Tensor& logp_t, const T
       st.ratio_min = std::min(st.ratio_min, static_cast<double>(w));
       st.ratio_max = std::max(st.ratio_max, static_cast<double>(w));
     }
+    q_sums.flush();
     row_stats[static_cast<size_t>(b)] = st;
   });
 
@@ -237,6 +268,11 @@ std::tuple<Tensor, Tensor, Tensor> segment_stage_cpu(
     const Tensor& adv, const Tensor& key, int64_t num_keys, const Tensor& c, const Tensor& mask,
     double eps_low, double eps_high, double delta, double beta, int64_t /*stream*/) {
   check_inputs(logp, old_logp, ref_logp, adv, key, num_keys, c, mask);
+  // Checked here rather than inside the passes: an exception thrown from the templated
+  // passes crashed the process (SIGSEGV) with gcc 13.3 and torch 2.11 (see tests).
+  const int64_t bad = first_bad_key(key, mask, num_keys);
+  TORCH_CHECK(bad < 0, "segment_stage: key[", bad, "] = ", key.data_ptr<int64_t>()[bad],
+              " is outside [0, num_keys=", num_keys, ") on a masked token");
   const bool has_kl = ref_logp.has_value() && ref_logp->defined() && beta != 0.0;
   const Tensor ref = has_kl ? *ref_logp : Tensor();
   if (logp.scalar_type() == at::kDouble) {
