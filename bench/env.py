@@ -109,10 +109,3 @@ def environment(device: torch.device) -> dict:
         info["machine"] = f"CPU, {cores} cores ({info['cpu']})"
     return info
 
-
-def card_slug(env: dict) -> str:
-    """A folder-name form of the machine: 'h100', 'cpu', ..."""
-    if "card" not in env:
-        return "cpu"
-    name = env["card"].lower().replace("nvidia", "").strip()
-    return "-".join(name.split()[:1]) or "gpu"

@@ -22,6 +22,7 @@ import torch
 
 from . import contenders as C
 from . import memory, timing
+from .flops import matmul_rate
 from .inputs import make_inputs
 from .runner import DTYPES, _failure, _logp_call, _step_call
 
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
             out["summary"] = (f"step peak {out['step']['peak_raw_bytes'] / mib:.1f} MiB, "
                               f"no-grad peak {out['logp']['peak_raw_bytes'] / mib:.1f} MiB")
         else:
+            out["matmul"] = matmul_rate(a.tokens, a.hidden, a.vocab, dtype=dtype, device=device,
+                                        budget_s=2.0, max_reps=3)
             common = dict(device=device, cell_budget_s=a.cell_budget_s, max_reps=a.max_reps,
                           max_step_s=1e9)
             out["step"] = timing.measure(_step_call(contender), [inp],
