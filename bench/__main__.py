@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the end (gpu_check.sh prints it itself)")
     p.add_argument("--show", type=Path, metavar="RESULTS_JSON",
                    help="print the short table of a recorded results.json and exit")
+    p.add_argument("--replot", type=Path, metavar="RESULTS_JSON",
+                   help="render table.md and the PNGs of a results.json again, beside it")
     return p.parse_args(argv)
 
 
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     a = parse_args(argv)
     if a.show:
         print(report.short_table(json.loads(a.show.read_text())))
+        return None
+    if a.replot:
+        res = json.loads(a.replot.read_text())
+        (a.replot.parent / "table.md").write_text(report.markdown(res))
+        report.plot(res, a.replot.parent)
         return None
     from . import runner  # imports torch and the kernels
 
@@ -66,4 +73,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None or "--show" in sys.argv else 1)
+    sys.exit(0 if main() is not None or {"--show", "--replot"} & set(sys.argv) else 1)

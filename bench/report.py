@@ -243,6 +243,7 @@ def plot(res: dict, out_dir: Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     shapes = list(dict.fromkeys(c["shape"] for c in res["configs"]))
     if not shapes:
@@ -271,6 +272,10 @@ def plot(res: dict, out_dir: Path) -> dict[str, Path]:
                                 rotation=90, va="top", ha="right", fontsize=7)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
             ax.set_xticks([c["tokens"] for c in cfgs], [str(c["tokens"]) for c in cfgs])
             ax.set_title(f"{shape} (H {cfgs[0]['hidden']}, V {cfgs[0]['vocab']})", fontsize=9)
             ax.set_xlabel("tokens T")
