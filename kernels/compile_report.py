@@ -87,7 +87,7 @@ def _kernel_specs(dtype: str, hidden: int, vocab: int):
                            BLOCK_N=t.m, BLOCK_V=t.n, BLOCK_K=t.k, EVEN_K=even_k(t.k),
                            PRECISION=prec), t.num_warps, t.num_stages))
     t = cfg.dw
-    for out in (op, "*fp32"):
+    for out in dict.fromkeys((op, "*fp32")):  # fp32 operands: one variant
         specs.append((bwd.dweight_kernel, "out" if out == op else "split-partial", str(t),
                       dict(dz_ptr=op, h_ptr=op, out_ptr=out, dscale_ptr="*fp32", N="i32",
                            H="i32", slab_len="i32", dz_stride="i32", stride_h="i32",
