@@ -18,6 +18,8 @@ class _LinearLogprobs(torch.autograd.Function):
                                           need_entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature, ctx.impl = temperature, impl
+        # An unused entropy output then arrives as None and its gradient path is skipped.
+        ctx.set_materialize_grads(False)
         if entropy is None:
             entropy = torch.zeros_like(logp)
             ctx.mark_non_differentiable(entropy)
@@ -30,9 +32,10 @@ class _LinearLogprobs(torch.autograd.Function):
                  bias is not None and ctx.needs_input_grad[2])
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
+        if grad_entropy is not None and entropy is None:
+            grad_entropy = None  # entropy was not computed: its output is a constant zero
         dh, dw, db = ctx.impl.backward(hidden, weight, targets, bias, ctx.temperature, lse,
-                                       entropy, grad_logp.contiguous(),
-                                       grad_entropy if entropy is not None else None, needs)
+                                       entropy, grad_logp.contiguous(), grad_entropy, needs)
         return dh, dw, db, None, None, None, None
 
 

@@ -107,7 +107,8 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         g = g_all[start:start + k]
         z.sub_(lse[start:start + k].unsqueeze(1))  # log p
         if grad_entropy is not None:
-            ge = grad_entropy[start:start + k].to(acc).unsqueeze(1)
+            ge = torch.where(targets[start:start + k] >= 0,
+                             grad_entropy[start:start + k].to(acc), 0).unsqueeze(1)
             p = z.exp()
             # -ge p (log p + H) - g p, assembled in z's buffer
             z.add_(entropy[start:start + k].unsqueeze(1)).mul_(p).mul_(-ge)
