@@ -268,8 +268,6 @@ std::tuple<Tensor, Tensor, Tensor> segment_stage_cpu(
     const Tensor& adv, const Tensor& key, int64_t num_keys, const Tensor& c, const Tensor& mask,
     double eps_low, double eps_high, double delta, double beta, int64_t /*stream*/) {
   check_inputs(logp, old_logp, ref_logp, adv, key, num_keys, c, mask);
-  // Checked here rather than inside the passes: an exception thrown from the templated
-  // passes crashed the process (SIGSEGV) with gcc 13.3 and torch 2.11 (see tests).
   const int64_t bad = first_bad_key(key, mask, num_keys);
   TORCH_CHECK(bad < 0, "segment_stage: key[", bad, "] = ", key.data_ptr<int64_t>()[bad],
               " is outside [0, num_keys=", num_keys, ") on a masked token");

@@ -5,6 +5,7 @@
 //   key_sums   per key: n_k (int32 atomics), s_k = sum of logp - old_logp (float atomics)
 //   token      per token: w = exp(s_k / max(n_k, 1)), loss term, dl/dw, stats;
 //              per key Q_k += c_t dl_t/dw (float atomics); per block partial sums
+// The atomics are warp-aggregated: one per run of adjacent lanes with the same key.
 //   grad       per token: g_t = (w_k / n_k) Q_k + c_t beta (1 - exp(ref_t - logp_t))
 //   finalize   one block sums the per-block partials in a fixed order -> loss, stats
 // Keys need not be contiguous or sorted. Determinism: s_k and Q_k are summed with atomics,
@@ -72,18 +73,53 @@ __device__ __forceinline__ TokenRange token_range() {
           static_cast<int64_t>(gridDim.x) * blockDim.x};
 }
 
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+// buf[k] += v for the 32 lanes of a warp with one atomicAdd per run of adjacent lanes with
+// the same key (segments are runs of tokens, so a warp mostly issues one or two atomics,
+// not 32 on one address). k < 0: nothing to add. All lanes of the warp must call it.
+template <typename V>
+__device__ __forceinline__ void warp_run_add(int64_t k, V v, V* buf) {
+  const int lane = threadIdx.x & 31;
+  const int64_t prev = __shfl_up_sync(kFullWarp, k, 1);
+  const bool head = lane == 0 || prev != k;
+  const unsigned heads = __ballot_sync(kFullWarp, head);
+  const unsigned later_heads = heads & ~((2u << lane) - 1u);  // heads above this lane
+  const int end = later_heads ? __ffs(later_heads) - 1 : 32;  // this run ends before `end`
+  for (int off = 1; off < 32; off <<= 1) {
+    const V other = __shfl_down_sync(kFullWarp, v, off);
+    if (lane + off < end) v += other;
+  }
+  if (head && k >= 0) atomicAdd(buf + k, v);
+}
+
+// Warp-uniform walks over the tokens: token i = base + threadIdx.x may be >= n_tokens.
+__device__ __forceinline__ int64_t first_base() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x;
+}
+__device__ __forceinline__ int64_t base_stride() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x;
+}
+
+// Key of token i when it counts, else -1 (masked out, past the end, or a key outside
+// [0, num_keys): the CPU op raises on those, here they are skipped).
+__device__ __forceinline__ int64_t token_key(int64_t i, int64_t n_tokens, const bool* mask,
+                                             const int64_t* key, int64_t num_keys) {
+  if (i >= n_tokens || !mask[i]) return -1;
+  const int64_t k = key[i];
+  return (k >= 0 && k < num_keys) ? k : -1;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kCudaThreads)
     key_sums_kernel(const T* __restrict__ logp, const T* __restrict__ old_logp,
                     const int64_t* __restrict__ key, const bool* __restrict__ mask,
                     int64_t n_tokens, int64_t num_keys, T* s, int32_t* cnt) {
-  const TokenRange r = token_range();
-  for (int64_t i = r.begin; i < n_tokens; i += r.stride) {
-    if (!mask[i]) continue;
-    const int64_t k = key[i];
-    if (k < 0 || k >= num_keys) continue;  // the CPU op raises; here such tokens are skipped
-    atomicAdd(s + k, logp[i] - old_logp[i]);
-    atomicAdd(cnt + k, 1);
+  for (int64_t base = first_base(); base < n_tokens; base += base_stride()) {
+    const int64_t i = base + threadIdx.x;
+    const int64_t k = token_key(i, n_tokens, mask, key, num_keys);
+    warp_run_add<T>(k, k >= 0 ? logp[i] - old_logp[i] : T(0), s);
+    warp_run_add<int32_t>(k, 1, cnt);
   }
 }
 
@@ -96,30 +132,32 @@ __global__ void __launch_bounds__(kCudaThreads)
                  T* q, double* __restrict__ partials, StageParams<T> p) {
   double v[kSlots];
   init_slots(v);
-  const TokenRange r = token_range();
-  for (int64_t i = r.begin; i < n_tokens; i += r.stride) {
-    if (!mask[i]) continue;
-    const int64_t k = key[i];
-    if (k < 0 || k >= num_keys) continue;
-    T nf;
-    const T w = key_ratio(s, cnt, k, &nf);
-    const T a = adv[i];
-    T term, dl_dw;
-    surrogate_terms(w, a, p, &term, &dl_dw);
-    if (p.has_kl) {
-      T er;
-      const T kl = kl_k3(logp[i], ref_logp[i], &er);
-      term = term + p.beta * kl;
-      v[7] += static_cast<double>(kl);
+  for (int64_t base = first_base(); base < n_tokens; base += base_stride()) {
+    const int64_t i = base + threadIdx.x;
+    const int64_t k = token_key(i, n_tokens, mask, key, num_keys);
+    T q_add = T(0);
+    if (k >= 0) {
+      T nf;
+      const T w = key_ratio(s, cnt, k, &nf);
+      const T a = adv[i];
+      T term, dl_dw;
+      surrogate_terms(w, a, p, &term, &dl_dw);
+      if (p.has_kl) {
+        T er;
+        const T kl = kl_k3(logp[i], ref_logp[i], &er);
+        term = term + p.beta * kl;
+        v[7] += static_cast<double>(kl);
+      }
+      q_add = c[i] * dl_dw;
+      v[0] += static_cast<double>(term * c[i]);
+      v[1] += 1.0;
+      v[2] += (w < p.lo && a < T(0)) ? 1.0 : 0.0;
+      v[3] += (w > p.hi && a > T(0)) ? 1.0 : 0.0;
+      v[4] += static_cast<double>(w);
+      v[kMinSlot] = fmin(v[kMinSlot], static_cast<double>(w));
+      v[kMaxSlot] = fmax(v[kMaxSlot], static_cast<double>(w));
     }
-    atomicAdd(q + k, c[i] * dl_dw);
-    v[0] += static_cast<double>(term * c[i]);
-    v[1] += 1.0;
-    v[2] += (w < p.lo && a < T(0)) ? 1.0 : 0.0;
-    v[3] += (w > p.hi && a > T(0)) ? 1.0 : 0.0;
-    v[4] += static_cast<double>(w);
-    v[kMinSlot] = fmin(v[kMinSlot], static_cast<double>(w));
-    v[kMaxSlot] = fmax(v[kMaxSlot], static_cast<double>(w));
+    warp_run_add<T>(k, q_add, q);  // every lane, one call site
   }
   block_reduce(v);
   if (threadIdx.x == 0) {

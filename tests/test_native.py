@@ -11,6 +11,10 @@ build it with `cmake -S . -B build && cmake --build build` (see kernels/native.p
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -270,11 +274,28 @@ def test_threads_do_not_change_results(rng):
         assert torch.equal(a, b)
 
 
-def test_bad_key_raises(rng):
-    args = list(stage_args(make_batch(rng, torch.float64), "rank", "bnpo", 0.0))
-    args[4] = torch.where(args[7], args[4] + args[5], 0)  # every masked key out of range
-    with pytest.raises(RuntimeError, match="outside"):
-        native.segment_stage(*args, ClipParams(0.06, 0.08, None, 0.0))
+BAD_KEY_SCRIPT = """
+import torch
+from rankgrpo_kernels import native
+from rankgrpo_kernels.segment_stage import ClipParams
+x = -torch.rand(2, 5, dtype=torch.float64)
+mask = torch.ones(2, 5, dtype=torch.bool)
+key = torch.full((2, 5), 7)  # num_keys = 4
+try:
+    native.segment_stage(x, x, None, x, key, 4, x, mask, ClipParams(0.06, 0.08, None, 0.0))
+except RuntimeError as e:
+    print("RAISED", e)
+"""
+
+
+def test_bad_key_raises():
+    """A masked key outside [0, num_keys) raises RuntimeError. Run in a subprocess: a build of
+    the library against torch 2.11+cu130 once crashed (SIGSEGV) there instead of raising."""
+    env = dict(os.environ, RANKGRPO_NATIVE_LIB=str(native.library_path()))
+    run = subprocess.run([sys.executable, "-c", BAD_KEY_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, f"exit code {run.returncode}: {run.stderr[-2000:]}"
+    assert "RAISED" in run.stdout and "is outside [0, num_keys=4)" in run.stdout, run.stdout
 
 
 def public_loss(batch, backend, level, loss_type, beta, delta):
