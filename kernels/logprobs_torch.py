@@ -25,6 +25,13 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _operands(hidden, weight, bias):
+    """Accumulation dtype, W and bias in it (no copy when already so), rows per chunk."""
+    acc = _acc_dtype(hidden)
+    b = bias.to(acc) if bias is not None else None
+    return acc, weight.to(acc), b, chunk_rows(weight.shape[0])
+
+
 def _logits_into(out: torch.Tensor, tile: torch.Tensor, w: torch.Tensor,
                  bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """out[:rows] = (tile @ w^T + bias) / temperature, written into a reused buffer."""
@@ -45,12 +52,8 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     Returns (logp [N], lse [N], entropy [N] or None), float32 (float64 for float64 inputs).
     logp is 0 where the target is ignored; entropy is computed for every row.
     """
-    acc = _acc_dtype(hidden)
-    n, dim, vocab = hidden.shape[0], hidden.shape[1], weight.shape[0]
-    dev = hidden.device
-    w = weight.to(acc)
-    b = bias.to(acc) if bias is not None else None
-    rows = chunk_rows(vocab)
+    acc, w, b, rows = _operands(hidden, weight, bias)
+    n, dim, vocab, dev = hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device
     logp = torch.empty(n, dtype=acc, device=dev)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if need_entropy else None
@@ -88,12 +91,8 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     dW = dz^T @ hidden, dbias = sum_rows dz. Returns (dhidden, dweight, dbias) in the
     dtypes of the inputs, None where not needed.
     """
-    acc = _acc_dtype(hidden)
-    n, dim, vocab = hidden.shape[0], hidden.shape[1], weight.shape[0]
-    dev = hidden.device
-    w = weight.to(acc)
-    b = bias.to(acc) if bias is not None else None
-    rows = chunk_rows(vocab)
+    acc, w, b, rows = _operands(hidden, weight, bias)
+    n, dim, vocab, dev = hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device
     need_h, need_w, need_b = needs
     dh = torch.empty(n, dim, dtype=acc, device=dev) if need_h else None
     dw = torch.zeros(vocab, dim, dtype=acc, device=dev) if need_w else None
