@@ -83,6 +83,20 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "missing ${need[*]} and no wheels for them in $WHEELS: reported as skipped"
   fi
 fi
+# 2b. The optional native op library, built here against this machine's CUDA torch (a build
+# made elsewhere would not load), so its CUDA parity tests and bench row run too.
+if [ -z "${RANKGRPO_NATIVE_LIB:-}" ] && command -v cmake >/dev/null 2>&1; then
+  NBUILD=$(mktemp -d /tmp/rankgrpo_native.XXXXXX)
+  if timeout -k 5 120 cmake -S "$REPO" -B "$NBUILD" -DPYTHON_EXECUTABLE="$(command -v "$PY")" \
+       >"$NBUILD/configure.log" 2>&1 && timeout -k 5 120 cmake --build "$NBUILD" -j8 \
+       >"$NBUILD/build.log" 2>&1; then
+    export RANKGRPO_NATIVE_LIB="$NBUILD/librankgrpo_native.so"
+    echo "native op library built: $RANKGRPO_NATIVE_LIB [$(elapsed) s]"
+  else
+    echo "native op library build failed; its tests and bench row will be skipped:"
+    tail -n 15 "$NBUILD"/*.log
+  fi
+fi
 "$PY" - <<'EOF'
 import importlib.metadata as md
 import rankgrpo_kernels as rk

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import torch
 
-# Elements of one [chunk, V] tile. 2**22 fp32 = 16 MiB; tests shrink it to exercise chunking.
+# Elements of one [chunk, V] tile: 2**22 fp32 = 16 MiB on the CPU; on a GPU, where each
+# tile is a kernel launch and W is re-read per tile, 16x that. Tests shrink it.
 CHUNK_ELEMENTS = 1 << 22
+CUDA_CHUNK_FACTOR = 16
 
 
-def chunk_rows(vocab: int) -> int:
-    """Rows per chunk for a vocabulary size: a multiple of 16 between 16 and 4096."""
-    rows = max(16, min(4096, CHUNK_ELEMENTS // max(vocab, 1)))
+def chunk_rows(vocab: int, device: torch.device | None = None) -> int:
+    """Rows per chunk for a vocabulary size: a multiple of 16 between 16 and 65536.
+    Depends on V and the device type only, never on N (batch invariance)."""
+    budget = CHUNK_ELEMENTS * (CUDA_CHUNK_FACTOR if device is not None and device.type == "cuda"
+                               else 1)
+    rows = max(16, min(65536, budget // max(vocab, 1)))
     return rows - rows % 16
 
 
@@ -29,7 +34,7 @@ def _operands(hidden, weight, bias):
     """Accumulation dtype, W and bias in it (no copy when already so), rows per chunk."""
     acc = _acc_dtype(hidden)
     b = bias.to(acc) if bias is not None else None
-    return acc, weight.to(acc), b, chunk_rows(weight.shape[0])
+    return acc, weight.to(acc), b, chunk_rows(weight.shape[0], hidden.device)
 
 
 def _logits_into(out: torch.Tensor, tile: torch.Tensor, w: torch.Tensor,

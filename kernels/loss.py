@@ -254,14 +254,15 @@ def fused_linear_rank_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor,
     `ignore_index` are masked out. Returns (loss, metrics) and is differentiable w.r.t.
     hidden, weight and bias. metrics["entropy"] comes from the same fused pass.
     """
-    logp, entropy = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                    ignore_index=ignore_index, return_entropy=True,
-                                    backend=backend, validate=validate)
+    out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                          ignore_index=ignore_index, return_entropy=compute_entropy,
+                          backend=backend, validate=validate)
+    logp, entropy = out if compute_entropy else (out, None)
     if tuple(mask.shape) != tuple(targets.shape):
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(targets.shape)}")
     mask = (mask != 0) & (targets != ignore_index)
     return rank_grpo_loss(logp, old_logp, advantages, segment_ids, mask,
-                          entropy=entropy if compute_entropy else None, backend=backend,
+                          entropy=entropy, backend=backend,
                           validate=validate, **loss_kwargs)
 
 
