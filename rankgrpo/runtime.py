@@ -1,8 +1,10 @@
 """Pieces both training loops share: the accelerator, the optimizer step, periodic
-evaluation and the result object."""
+evaluation, resuming, the loop itself (`train_loop`: logging, evaluation, checkpoints,
+Ctrl-C, the final save) and the result object."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .checkpoint import GracefulInterrupt, load_checkpoint, seed_everything
+from .model import save_pretrained
+from .run_log import RunLogger
 
 
 @dataclass
@@ -88,3 +94,106 @@ def run_eval(model, tokenizer, records, catalog, eval_config, num_ranks, acceler
     for cb in callbacks:
         cb({"event": "eval", **rec})
     return rec
+
+
+def _read_history(path: Path, step: int) -> tuple[list[dict], list[dict]]:
+    """The step and evaluation records up to `step` in a run's metrics.jsonl (the history of
+    the run a resumed one continues)."""
+    hist, evals = [], []
+    if not path.exists():
+        return hist, evals
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) > step:
+            continue
+        if any(k.startswith("eval/") for k in rec):
+            evals.append({"step": rec["step"], **{k[5:]: v for k, v in rec.items()
+                                                  if k.startswith("eval/")}})
+        else:
+            hist.append(rec)
+    return hist, evals
+
+
+def resume_or_seed(checkpoint: Path | None, cfg, optimizer, scheduler, sampler, accelerator
+                   ) -> tuple[dict, dict | None]:
+    """Resume from `checkpoint` (the optimizer, the scheduler, this process's RNG and the
+    sampler's data position), or seed a fresh run with cfg.seed + rank. Returns
+    (trainer_state, extra) as `load_checkpoint`; a fresh run's is ({"step": 0}, None)."""
+    if checkpoint is None:
+        seed_everything(cfg.seed + accelerator.process_index)
+        return {"step": 0}, None
+    state, extra = load_checkpoint(checkpoint, optimizer=optimizer, scheduler=scheduler,
+                                   accelerator=accelerator)
+    sampler.load_state_dict(state["sampler"])
+    return state, extra
+
+
+STOP_MESSAGE = "stopped by Ctrl-C after step {step}; resume with --resume"
+
+
+def train_loop(model, tokenizer, cfg, accelerator, logger: RunLogger,
+               train_step: Callable[[int], dict], save: Callable[[int], Path], *, step: int,
+               total_steps: int, checkpoint: Path | None, eval_records, catalog, eval_config,
+               num_ranks: int, callbacks: Sequence[Callable[[dict], None]], save_final: bool,
+               stop_message: str = STOP_MESSAGE) -> TrainResult:
+    """Both stages' loop: optimizer steps step+1 .. total_steps, then the end of the run.
+
+    train_step(n) does optimizer step n and returns its metrics; save(n) writes checkpoint-n.
+    Around them: each step's metrics go to the history (after those of the run resumed from
+    `checkpoint`, if any), the log (every cfg.logging_steps steps and the last), the progress
+    bar and the callbacks; `eval_records` (None: none) are evaluated on start when
+    cfg.eval_on_start, every cfg.eval_steps steps and at the end; a checkpoint is saved
+    every cfg.save_steps steps, at the last one and on Ctrl-C, which then stops the run
+    (logged with `stop_message`); the model goes to <output_dir>/final when save_final and
+    not stopped.
+    """
+    out_dir = Path(cfg.output_dir)
+    history, evals = [], []
+    if checkpoint is not None:
+        history, evals = _read_history(out_dir / "metrics.jsonl", step)
+
+    def evaluate(at: int) -> None:
+        evals.append(run_eval(model, tokenizer, eval_records, catalog, eval_config, num_ranks,
+                              accelerator, at, logger, callbacks))
+
+    interrupted, last_ckpt = False, checkpoint
+    t_run = time.perf_counter()
+    try:
+        with GracefulInterrupt() as interrupt:
+            if eval_records is not None and cfg.eval_on_start and step == 0:
+                evaluate(step)
+            while step < total_steps:
+                rec = train_step(step + 1)
+                step += 1
+                history.append(rec)
+                if step % cfg.logging_steps == 0 or step == total_steps:
+                    logger.log(rec)
+                logger.progress(rec)
+                for cb in callbacks:
+                    cb({"event": "step", **rec})
+                if eval_records is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
+                    evaluate(step)
+                stop = sync_flag(interrupt.requested, accelerator)
+                if (cfg.save_steps and step % cfg.save_steps == 0) or stop or \
+                        step == total_steps:
+                    last_ckpt = save(step)
+                if stop:
+                    interrupted = True
+                    logger.write(stop_message.format(step=step, checkpoint=last_ckpt))
+                    break
+        if not interrupted and eval_records is not None and (
+                not cfg.eval_steps or step % cfg.eval_steps != 0):
+            evaluate(step)
+    finally:
+        logger.close()
+    final_dir = None
+    if save_final and not interrupted:
+        final_dir = out_dir / "final"
+        save_pretrained(model, tokenizer, final_dir, accelerator)
+    return TrainResult(model=accelerator.unwrap_model(model), step=step, history=history,
+                       eval_history=evals, output_dir=out_dir, final_dir=final_dir,
+                       checkpoint_dir=last_ckpt, interrupted=interrupted,
+                       seconds=time.perf_counter() - t_run)

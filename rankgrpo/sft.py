@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,7 @@ import torch
 
 from rankgrpo_kernels import linear_logprobs
 
-from .checkpoint import (
-    GracefulInterrupt,
-    load_checkpoint,
-    load_weights,
-    resolve_resume,
-    save_checkpoint,
-    seed_everything,
-)
+from .checkpoint import load_weights, resolve_resume, save_checkpoint
 from .config import EvalConfig, SFTConfig, validate_section
 from .encoding import SFTExample, encode_prompts, encode_sft
 from .model import (
@@ -34,7 +28,6 @@ from .model import (
     generation_eos_ids,
     last_hidden_states,
     lm_head_params,
-    save_pretrained,
 )
 from .optim import make_optimizer, make_scheduler
 from .run_log import RunLogger, peak_memory_gib
@@ -42,12 +35,11 @@ from .runtime import (
     TrainResult,
     make_accelerator,
     optimizer_step,
-    run_eval,
+    resume_or_seed,
     steps_for,
-    sync_flag,
+    train_loop,
 )
 from .sampler import EpochSampler
-from .train import _read_history
 
 PROGRESS = {"loss": "loss", "tok/s": "tokens_per_second"}
 
@@ -122,18 +114,8 @@ def sft_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]],
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
     sampler = EpochSampler(len(examples), cfg.seed)
-    step, tokens_seen = 0, 0
-    history: list[dict] = []
-    evals: list[dict] = []
-    if ckpt is not None:
-        state, _ = load_checkpoint(ckpt, optimizer=optimizer, scheduler=scheduler,
-                                   accelerator=acc)
-        step = int(state["step"])
-        sampler.load_state_dict(state["sampler"])
-        tokens_seen = int(state.get("num_tokens", 0))
-        history, evals = _read_history(out_dir / "metrics.jsonl", step)
-    else:
-        seed_everything(cfg.seed + rank)
+    state, _ = resume_or_seed(ckpt, cfg, optimizer, scheduler, sampler, acc)
+    step, tokens_seen = int(state["step"]), int(state.get("num_tokens", 0))
     logger = RunLogger(out_dir, report_to=cfg.report_to, main=acc.is_main_process,
                        total_steps=total_steps, initial_step=step,
                        disable_tqdm=cfg.disable_tqdm, desc="sft", postfix_keys=PROGRESS)
@@ -141,90 +123,48 @@ def sft_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]],
         logger.write(f"skipped {len(skipped)} SFT records longer than max_length="
                      f"{cfg.max_length}")
 
-    def evaluate_now():
-        evals.append(run_eval(model, tokenizer, eval_records, catalog, ecfg, num_ranks, acc,
-                              step, logger, callbacks))
+    def train_step(step: int) -> dict:
+        """Optimizer step number `step` on the sampler's next batch; returns its metrics."""
+        nonlocal tokens_seen
+        t0 = time.perf_counter()
+        idx = sampler.take(per_step)[rank * per_process:(rank + 1) * per_process]
+        mbs = [collate([examples[i] for i in idx[s:s + cfg.per_device_train_batch_size]],
+                       pad_id, cfg.completion_only_loss, acc.device)
+               for s in range(0, len(idx), cfg.per_device_train_batch_size)]
+        count = sum(m[2].sum() for m in mbs).double().reshape(1)
+        if world > 1:
+            count = acc.reduce(count.to(acc.device), reduction="sum").cpu()
+        normalizer = float(count.clamp(min=1))
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for j, (ids, att, lmask) in enumerate(mbs):
+            sync = acc.no_sync(model) if (world > 1 and j < len(mbs) - 1) else nullcontext()
+            with sync, gathered_lm_head(inner, acc):
+                loss, _ = _step_loss(model, inner, ids, att, lmask, normalizer, cfg, acc)
+                acc.backward(loss * world)
+            loss_sum += loss.detach().double().cpu()
+        t1 = time.perf_counter()
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg, acc)
+        t2 = time.perf_counter()
+        n_tok = float(sum(m[1].sum() for m in mbs))
+        if world > 1:
+            packed = acc.reduce(torch.tensor([float(loss_sum), n_tok], device=acc.device),
+                                reduction="sum").cpu()
+            loss_sum, n_tok = packed[0], float(packed[1])
+        tokens_seen += int(n_tok)
+        return {"step": step, "epoch": sampler.progress, "loss": float(loss_sum),
+                "learning_rate": lr, "grad_norm": grad_norm,
+                "num_loss_tokens": float(count), "num_tokens": tokens_seen,
+                "tokens_per_second": n_tok / max(t2 - t0, 1e-9),
+                "time/loss": t1 - t0, "time/optimizer": t2 - t1, **peak_memory_gib()}
 
-    def save():
+    def save(step: int) -> Path:
         state = {"sampler": sampler.state_dict(), "num_tokens": tokens_seen, "stage": "sft",
                  "config": dict(vars(cfg))}
         return save_checkpoint(out_dir, step, model=model, optimizer=optimizer,
                                scheduler=scheduler, state=state, tokenizer=tokenizer,
                                accelerator=acc, save_total_limit=cfg.save_total_limit)
 
-    interrupted, last_ckpt = False, ckpt
-    t_run = time.perf_counter()
-    try:
-        with GracefulInterrupt() as interrupt:
-            if eval_records is not None and cfg.eval_on_start and step == 0:
-                evaluate_now()
-            while step < total_steps:
-                t0 = time.perf_counter()
-                idx = sampler.take(per_step)[rank * per_process:(rank + 1) * per_process]
-                mbs = [collate([examples[i] for i in idx[s:s + cfg.per_device_train_batch_size]],
-                               pad_id, cfg.completion_only_loss, acc.device)
-                       for s in range(0, len(idx), cfg.per_device_train_batch_size)]
-                count = sum(m[2].sum() for m in mbs).double().reshape(1)
-                if world > 1:
-                    count = acc.reduce(count.to(acc.device), reduction="sum").cpu()
-                normalizer = float(count.clamp(min=1))
-                loss_sum = torch.zeros((), dtype=torch.float64)
-                for j, (ids, att, lmask) in enumerate(mbs):
-                    sync = acc.no_sync(model) if (world > 1 and j < len(mbs) - 1) else \
-                        _null()
-                    with sync, gathered_lm_head(inner, acc):
-                        loss, _ = _step_loss(model, inner, ids, att, lmask, normalizer, cfg, acc)
-                        acc.backward(loss * world)
-                    loss_sum += loss.detach().double().cpu()
-                t1 = time.perf_counter()
-                grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg, acc)
-                t2 = time.perf_counter()
-                step += 1
-                n_tok = float(sum(m[1].sum() for m in mbs))
-                if world > 1:
-                    packed = acc.reduce(torch.tensor([float(loss_sum), n_tok],
-                                                     device=acc.device), reduction="sum").cpu()
-                    loss_sum, n_tok = packed[0], float(packed[1])
-                tokens_seen += int(n_tok)
-                rec = {"step": step, "epoch": sampler.progress, "loss": float(loss_sum),
-                       "learning_rate": lr, "grad_norm": grad_norm,
-                       "num_loss_tokens": float(count), "num_tokens": tokens_seen,
-                       "tokens_per_second": n_tok / max(t2 - t0, 1e-9),
-                       "time/loss": t1 - t0, "time/optimizer": t2 - t1, **peak_memory_gib()}
-                history.append(rec)
-                if step % cfg.logging_steps == 0 or step == total_steps:
-                    logger.log(rec)
-                logger.progress(rec)
-                for cb in callbacks:
-                    cb({"event": "step", **rec})
-                if eval_records is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                    evaluate_now()
-                stop = sync_flag(interrupt.requested, acc)
-                if (cfg.save_steps and step % cfg.save_steps == 0) or stop or \
-                        step == total_steps:
-                    last_ckpt = save()
-                if stop:
-                    interrupted = True
-                    logger.write(f"stopped by Ctrl-C after step {step}; resume with --resume")
-                    break
-        if not interrupted and eval_records is not None and (
-                not cfg.eval_steps or step % cfg.eval_steps != 0):
-            evaluate_now()
-    finally:
-        logger.close()
-    final_dir = None
-    if save_final and not interrupted:
-        final_dir = out_dir / "final"
-        save_pretrained(model, tokenizer, final_dir, acc)
-    return TrainResult(model=acc.unwrap_model(model), step=step, history=history,
-                       eval_history=evals, output_dir=out_dir, final_dir=final_dir,
-                       checkpoint_dir=last_ckpt, interrupted=interrupted,
-                       seconds=time.perf_counter() - t_run)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return train_loop(model, tokenizer, cfg, acc, logger, train_step, save, step=step,
+                      total_steps=total_steps, checkpoint=ckpt, eval_records=eval_records,
+                      catalog=catalog, eval_config=ecfg, num_ranks=num_ranks,
+                      callbacks=callbacks, save_final=save_final)

@@ -4,13 +4,13 @@ Read top to bottom, one optimizer step is:
     prompts (seeded, resumable order) -> rollout (G completions per prompt)
     -> score_rollout / group_advantages_dp / build_rl_batch / add_logprobs   (rl_step.py)
     -> accumulate_gradients (fused loss on hidden states + LM head, per micro-batch)
-    -> clip, AdamW, scheduler -> log, evaluate, checkpoint.
+    -> clip, AdamW, scheduler                                  (all of it: train_step below)
+    -> log, evaluate, checkpoint, Ctrl-C             (runtime.train_loop, shared with SFT)
 With num_iterations > 1 a rollout batch serves that many optimizer steps.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,18 +19,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (
-    GracefulInterrupt,
-    load_checkpoint,
-    load_weights,
-    resolve_resume,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-)
+from .checkpoint import load_weights, resolve_resume, rng_state, save_checkpoint
 from .config import ConfigError, EvalConfig, GRPOConfig, validate_section
 from .encoding import encode_prompts
-from .model import frozen_copy, generation_eos_ids, lm_head_params, save_pretrained
+from .model import frozen_copy, generation_eos_ids, lm_head_params
 from .optim import make_optimizer, make_scheduler
 from .rl_step import (
     RLBatch,
@@ -47,14 +39,16 @@ from .runtime import (
     TrainResult,
     make_accelerator,
     optimizer_step,
-    run_eval,
+    resume_or_seed,
     steps_for,
-    sync_flag,
+    train_loop,
 )
 from .sampler import EpochSampler
 from .tokens import newline_counts
 
 PROGRESS = {"reward": "reward", "ndcg": "rollout/ndcg@20", "tok/s": "tokens_per_second"}
+STOP_MESSAGE = ("stopped by Ctrl-C after step {step}; resume with --resume "
+                "(checkpoint {checkpoint})")
 
 
 @dataclass
@@ -64,25 +58,6 @@ class _Round:
     batch: RLBatch
     metrics: dict
     iteration: int = 0
-
-
-def _read_history(path: Path, step: int) -> tuple[list[dict], list[dict]]:
-    hist, evals = [], []
-    if not path.exists():
-        return hist, evals
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("step", 0) > step:
-            continue
-        if any(k.startswith("eval/") for k in rec):
-            evals.append({"step": rec["step"], **{k[5:]: v for k, v in rec.items()
-                                                  if k.startswith("eval/")}})
-        else:
-            hist.append(rec)
-    return hist, evals
 
 
 def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], catalog,
@@ -128,8 +103,8 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
     prompts_per_step = per_process * world // cfg.num_generations
     enc = encode_prompts(tokenizer, train_records, cfg.max_prompt_length,
                          long_prompts=cfg.long_prompts, what="training")
+    ecfg = eval_config or EvalConfig()
     if eval_records is not None:
-        ecfg = eval_config or EvalConfig()
         encode_prompts(tokenizer, eval_records, ecfg.max_prompt_length,
                        long_prompts=ecfg.long_prompts, what="evaluation")
     total_steps = steps_for(len(enc), prompts_per_step, cfg, cfg.num_iterations)
@@ -156,34 +131,18 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
 
     # state
     sampler = EpochSampler(len(enc), cfg.seed)
-    step, pending, tokens_seen = 0, None, 0
-    history: list[dict] = []
-    evals: list[dict] = []
-    if ckpt is not None:
-        state, extra = load_checkpoint(ckpt, optimizer=optimizer, scheduler=scheduler,
-                                       accelerator=acc)
-        step = int(state["step"])
-        sampler.load_state_dict(state["sampler"])
-        tokens_seen = int(state.get("num_tokens", 0))
-        if extra is not None and "batch" in extra:
-            pending = _Round(RLBatch.from_state_dict(extra["batch"], acc.device),
-                             state["pending_metrics"], int(state["pending_iteration"]))
-        history, evals = _read_history(out_dir / "metrics.jsonl", step)
-    else:
-        seed_everything(cfg.seed + rank)
+    state, extra = resume_or_seed(ckpt, cfg, optimizer, scheduler, sampler, acc)
+    step, tokens_seen, pending = int(state["step"]), int(state.get("num_tokens", 0)), None
+    if extra is not None and "batch" in extra:
+        pending = _Round(RLBatch.from_state_dict(extra["batch"], acc.device),
+                         state["pending_metrics"], int(state["pending_iteration"]))
     logger = RunLogger(out_dir, report_to=cfg.report_to, main=acc.is_main_process,
                        total_steps=total_steps, initial_step=step,
                        disable_tqdm=cfg.disable_tqdm, desc="rank-grpo", postfix_keys=PROGRESS)
     if ckpt is not None:
         logger.write(f"resumed from {ckpt} at step {step}/{total_steps}")
-    ecfg = eval_config or EvalConfig()
 
-    def evaluate_now():
-        rec = run_eval(model, tokenizer, eval_records, catalog, ecfg, num_ranks, acc, step,
-                       logger, callbacks)
-        evals.append(rec)
-
-    def new_round() -> tuple[_Round, dict]:
+    def new_round() -> _Round:
         t0 = time.perf_counter()
         idx = sampler.take(prompts_per_step)
         rows = range(rank * per_process, (rank + 1) * per_process)
@@ -207,116 +166,72 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
         t3 = time.perf_counter()
         metrics.update({"time/generation": t1 - t0, "time/reward": t2 - t1,
                         "time/logprobs": t3 - t2})
-        return _Round(batch, metrics), {}
+        return _Round(batch, metrics)
 
-    interrupted = False
-    last_ckpt = ckpt
-    t_run = time.perf_counter()
-    try:
-        with GracefulInterrupt() as interrupt:
-            if eval_records is not None and cfg.eval_on_start and step == 0:
-                evaluate_now()
-            while step < total_steps:
-                snapshot = (rng_state(), sampler.state_dict(), pending)
-                stepped = False
-                try:
-                    t0 = time.perf_counter()
-                    timings = {}
-                    if pending is None or pending.iteration >= cfg.num_iterations:
-                        pending, _ = new_round()
-                        timings = {k: v for k, v in pending.metrics.items()
-                                   if k.startswith("time/")}
-                    t1 = time.perf_counter()
-                    loss_metrics = accumulate_gradients(model, pending.batch, cfg, num_ranks,
-                                                        accelerator=acc)
-                    t2 = time.perf_counter()
-                    stepped = True
-                    grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg, acc)
-                    t3 = time.perf_counter()
-                except Exception:
-                    if not stepped and world == 1 and step > 0:
-                        _emergency_save(out_dir, step, model, optimizer, scheduler, tokenizer,
-                                        acc, cfg, snapshot, tokens_seen, logger)
-                    raise
-                pending.iteration += 1
-                step += 1
-                b = pending.batch
-                step_tokens = float(b.attention_mask.sum())
-                if world > 1:
-                    step_tokens = float(acc.reduce(torch.tensor([step_tokens],
-                                                                device=acc.device),
-                                                   reduction="sum").item())
-                tokens_seen += int(step_tokens)
-                rec = {"step": step, "epoch": sampler.progress, "learning_rate": lr,
-                       "grad_norm": grad_norm, **loss_metrics,
-                       **{k: v for k, v in pending.metrics.items() if not k.startswith("time/")},
-                       **timings, "time/loss": t2 - t1, "time/optimizer": t3 - t2,
-                       "time/step": t3 - t0, "num_tokens": tokens_seen,
-                       "tokens_per_second": step_tokens / max(t3 - t0, 1e-9),
-                       **peak_memory_gib()}
-                history.append(rec)
-                if step % cfg.logging_steps == 0 or step == total_steps:
-                    logger.log(rec)
-                logger.progress(rec)
-                for cb in callbacks:
-                    cb({"event": "step", **rec})
-                if eval_records is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
-                    evaluate_now()
-                stop = sync_flag(interrupt.requested, acc)
-                if (cfg.save_steps and step % cfg.save_steps == 0) or stop \
-                        or step == total_steps:
-                    last_ckpt = _save(out_dir, step, model, optimizer, scheduler, tokenizer,
-                                      acc, cfg, sampler.state_dict(), pending, tokens_seen)
-                if stop:
-                    interrupted = True
-                    logger.write(f"stopped by Ctrl-C after step {step}; resume with "
-                                 f"--resume (checkpoint {last_ckpt})")
-                    break
-        if not interrupted and eval_records is not None and (
-                not cfg.eval_steps or step % cfg.eval_steps != 0):
-            evaluate_now()
-    finally:
-        logger.close()
-    final_dir = None
-    if save_final and not interrupted:
-        final_dir = out_dir / "final"
-        save_pretrained(model, tokenizer, final_dir, acc)
-    return TrainResult(model=acc.unwrap_model(model), step=step, history=history,
-                       eval_history=evals, output_dir=out_dir, final_dir=final_dir,
-                       checkpoint_dir=last_ckpt, interrupted=interrupted,
-                       seconds=time.perf_counter() - t_run)
+    def train_step(step: int) -> dict:
+        """Optimizer step number `step` (a new rollout round when the last one has served
+        num_iterations steps); returns its metrics."""
+        nonlocal pending, tokens_seen
+        snapshot = (rng_state(), sampler.state_dict(), pending)
+        stepped = False
+        try:
+            t0 = time.perf_counter()
+            timings = {}
+            if pending is None or pending.iteration >= cfg.num_iterations:
+                pending = new_round()
+                timings = {k: v for k, v in pending.metrics.items() if k.startswith("time/")}
+            t1 = time.perf_counter()
+            loss_metrics = accumulate_gradients(model, pending.batch, cfg, num_ranks,
+                                                accelerator=acc)
+            t2 = time.perf_counter()
+            stepped = True
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg, acc)
+            t3 = time.perf_counter()
+        except Exception:
+            if not stepped and world == 1 and step > 1:
+                _emergency_save(save, step, snapshot, logger)
+            raise
+        pending.iteration += 1
+        b = pending.batch
+        step_tokens = float(b.attention_mask.sum())
+        if world > 1:
+            step_tokens = float(acc.reduce(torch.tensor([step_tokens], device=acc.device),
+                                           reduction="sum").item())
+        tokens_seen += int(step_tokens)
+        return {"step": step, "epoch": sampler.progress, "learning_rate": lr,
+                "grad_norm": grad_norm, **loss_metrics,
+                **{k: v for k, v in pending.metrics.items() if not k.startswith("time/")},
+                **timings, "time/loss": t2 - t1, "time/optimizer": t3 - t2,
+                "time/step": t3 - t0, "num_tokens": tokens_seen,
+                "tokens_per_second": step_tokens / max(t3 - t0, 1e-9), **peak_memory_gib()}
 
-
-def _state(cfg, sampler_state, pending, tokens_seen) -> tuple[dict, dict | None]:
-    state = {"sampler": sampler_state, "num_tokens": tokens_seen, "stage": "grpo",
-             "config": {k: v for k, v in vars(cfg).items()}}
-    extra = None
-    if pending is not None and pending.iteration < cfg.num_iterations:
-        state["pending_metrics"] = pending.metrics
-        state["pending_iteration"] = pending.iteration
-        extra = {"batch": pending.batch.state_dict()}
-    return state, extra
-
-
-def _save(out_dir, step, model, optimizer, scheduler, tokenizer, acc, cfg, sampler_state,
-          pending, tokens_seen):
-    state, extra = _state(cfg, sampler_state, pending, tokens_seen)
-    return save_checkpoint(out_dir, step, model=model, optimizer=optimizer,
-                           scheduler=scheduler, state=state, extra=extra, tokenizer=tokenizer,
-                           accelerator=acc, save_total_limit=cfg.save_total_limit)
-
-
-def _emergency_save(out_dir, step, model, optimizer, scheduler, tokenizer, acc, cfg, snapshot,
-                    tokens_seen, logger):
-    """After an error before the optimizer step: the weights are those of the last finished
-    step, so save them with the RNG and data position from that step's start."""
-    rng, sampler_state, pending = snapshot
-    try:
-        state, extra = _state(cfg, sampler_state, pending, tokens_seen)
-        path = save_checkpoint(out_dir, step, model=model, optimizer=optimizer,
+    def save(step: int, snapshot: tuple | None = None) -> Path:
+        """checkpoint-{step} of the state now, or of a step's start: snapshot = (RNG state,
+        sampler state, rollout round) taken then. A round with iterations left is saved."""
+        rng, sampler_state, round_ = snapshot or (None, sampler.state_dict(), pending)
+        state = {"sampler": sampler_state, "num_tokens": tokens_seen, "stage": "grpo",
+                 "config": dict(vars(cfg))}
+        extra = None
+        if round_ is not None and round_.iteration < cfg.num_iterations:
+            state["pending_metrics"] = round_.metrics
+            state["pending_iteration"] = round_.iteration
+            extra = {"batch": round_.batch.state_dict()}
+        return save_checkpoint(out_dir, step, model=model, optimizer=optimizer,
                                scheduler=scheduler, state=state, extra=extra,
                                tokenizer=tokenizer, accelerator=acc,
                                save_total_limit=cfg.save_total_limit, rng=rng)
-        logger.write(f"error during step {step + 1}: saved {path} (resume with --resume)")
+
+    return train_loop(model, tokenizer, cfg, acc, logger, train_step, save, step=step,
+                      total_steps=total_steps, checkpoint=ckpt, eval_records=eval_records,
+                      catalog=catalog, eval_config=ecfg, num_ranks=num_ranks,
+                      callbacks=callbacks, save_final=save_final, stop_message=STOP_MESSAGE)
+
+
+def _emergency_save(save, step, snapshot, logger) -> None:
+    """After an error in step `step` before its optimizer update: the weights are those of
+    step - 1, so save them with the RNG, data position and rollout from this step's start."""
+    try:
+        path = save(step - 1, snapshot)
+        logger.write(f"error during step {step}: saved {path} (resume with --resume)")
     except Exception as e:  # noqa: BLE001 - never hide the original error
-        logger.write(f"error during step {step + 1}; the emergency checkpoint failed too: {e}")
+        logger.write(f"error during step {step}; the emergency checkpoint failed too: {e}")
