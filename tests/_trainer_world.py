@@ -74,6 +74,18 @@ def make_model(tokenizer, seed: int = 0):
     return model
 
 
+def world_fixture(num_records: int):
+    """A test module's `world` fixture (`world = world_fixture(8)`): (tokenizer, records,
+    catalog) with that many records, made once per module."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def world():
+        return make_tokenizer(), make_records(num_records), make_catalog()
+
+    return world
+
+
 def grpo_config(tmp_path, **kw):
     from rankgrpo.config import GRPOConfig
 
@@ -87,6 +99,10 @@ def grpo_config(tmp_path, **kw):
 
 def params_snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def grads_snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 class ScriptedRollout:

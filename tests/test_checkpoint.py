@@ -12,10 +12,9 @@ from _trainer_world import (
     NUM_RANKS,
     ScriptedRollout,
     grpo_config,
-    make_catalog,
     make_model,
-    make_records,
-    make_tokenizer,
+    params_snapshot,
+    world_fixture,
 )
 
 from rankgrpo import checkpoint as ck
@@ -23,10 +22,7 @@ from rankgrpo.config import SFTConfig
 from rankgrpo.sft import sft_train
 from rankgrpo.train import grpo_train
 
-
-@pytest.fixture(scope="module")
-def world():
-    return make_tokenizer(), make_records(8), make_catalog()
+world = world_fixture(8)
 
 
 def test_rng_state_round_trip(tmp_path):
@@ -77,11 +73,8 @@ def _interrupt_at(step):
     return cb
 
 
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _assert_bitwise(a, b):
+def _assert_bitwise(model_a, model_b):
+    a, b = params_snapshot(model_a), params_snapshot(model_b)
     assert a.keys() == b.keys()
     for n in a:
         assert torch.equal(a[n], b[n]), n
@@ -109,7 +102,7 @@ def test_grpo_resume_after_ctrl_c_is_bitwise(world, tmp_path, straight):
     assert (first.checkpoint_dir / "extra_rank0.pt").exists()
     second = _grpo(world, tmp_path / "b", resume=True)
     assert second.step == 4 and not second.interrupted
-    _assert_bitwise(_params(straight.model), _params(second.model))
+    _assert_bitwise(straight.model, second.model)
     assert [h["loss"] for h in second.history] == [h["loss"] for h in straight.history]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
@@ -135,7 +128,7 @@ def test_crash_loses_at_most_the_step_in_progress(world, tmp_path, straight):
         _grpo(world, tmp_path / "b", rollout=_CrashOnCall(tok, recs, 2))
     assert ck.latest_checkpoint(tmp_path / "b").name == "checkpoint-3"
     resumed = _grpo(world, tmp_path / "b", resume=True)
-    _assert_bitwise(_params(straight.model), _params(resumed.model))
+    _assert_bitwise(straight.model, resumed.model)
 
 
 def _sft(world, out, resume=None, callbacks=()):
@@ -152,7 +145,7 @@ def test_sft_resume_after_ctrl_c_is_bitwise(world, tmp_path):
     first = _sft(world, tmp_path / "b", callbacks=[_interrupt_at(2)])
     assert first.interrupted and first.step == 2
     second = _sft(world, tmp_path / "b", resume=str(first.checkpoint_dir))
-    _assert_bitwise(_params(straight.model), _params(second.model))
+    _assert_bitwise(straight.model, second.model)
     assert [h["learning_rate"] for h in second.history] == [
         h["learning_rate"] for h in straight.history]
 

@@ -12,10 +12,8 @@ from _trainer_world import (
     ScriptedRollout,
     fixed_batch,
     grpo_config,
-    make_catalog,
     make_model,
-    make_records,
-    make_tokenizer,
+    world_fixture,
 )
 
 from rankgrpo.config import GRPOConfig
@@ -27,10 +25,7 @@ from rankgrpo_kernels import rank_grpo_loss
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-
-@pytest.fixture(scope="module")
-def world():
-    return make_tokenizer(), make_records(8), make_catalog()
+world = world_fixture(8)
 
 
 def _to(batch: RLBatch, device) -> RLBatch:

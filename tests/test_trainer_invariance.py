@@ -8,27 +8,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from _dp_worker import ROWS_PER_PROCESS, dp_config, perturb, worker
-from _trainer_world import (
-    NUM_RANKS,
-    fixed_batch,
-    make_catalog,
-    make_model,
-    make_records,
-    make_tokenizer,
-)
+from _trainer_world import NUM_RANKS, fixed_batch, grads_snapshot, make_model, world_fixture
 
 from rankgrpo.config import GRPOConfig
 from rankgrpo.model import frozen_copy
 from rankgrpo.rl_step import accumulate_gradients
 
-
-@pytest.fixture(scope="module")
-def world():
-    return make_tokenizer(), make_records(3), make_catalog()
-
-
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
+world = world_fixture(3)
 
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "grpo", "dr_grpo", "rank"])
@@ -47,7 +33,7 @@ def test_gradient_accumulation_invariance(world, loss_type):
         model.zero_grad()
         cfg.per_device_train_batch_size = size
         m = accumulate_gradients(model, batch, cfg, NUM_RANKS)
-        results.append((m, _grads(model)))
+        results.append((m, grads_snapshot(model)))
     (m0, g0) = results[0]
     for m, g in results[1:]:
         assert m["loss"] == pytest.approx(m0["loss"], rel=1e-5, abs=1e-7)

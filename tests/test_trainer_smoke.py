@@ -9,12 +9,11 @@ from _trainer_world import (
     NUM_RANKS,
     ScriptedRollout,
     fixed_batch,
+    grads_snapshot,
     grpo_config,
-    make_catalog,
     make_model,
-    make_records,
-    make_tokenizer,
     params_snapshot,
+    world_fixture,
 )
 
 from rankgrpo.config import ConfigError, EvalConfig, GRPOConfig, ModelConfig, SFTConfig
@@ -27,10 +26,7 @@ from rankgrpo.sft import sft_train
 from rankgrpo.train import grpo_train
 from rankgrpo_kernels import rank_grpo_loss
 
-
-@pytest.fixture(scope="module")
-def world():
-    return make_tokenizer(), make_records(12), make_catalog()
+world = world_fixture(12)
 
 
 def test_rl_two_steps_every_parameter_changes(world, tmp_path):
@@ -132,7 +128,7 @@ def test_trainer_loss_equals_reference(world, level, loss_type, backend):
         for q in model.parameters():
             q.add_(0.01 * torch.randn_like(q))
     metrics = accumulate_gradients(model, batch, cfg, NUM_RANKS)
-    grads = {n: q.grad.clone() for n, q in model.named_parameters()}
+    grads = grads_snapshot(model)
     model.zero_grad()
     expected = _reference_loss(model, batch, cfg, ref)
     expected.backward()
