@@ -163,6 +163,15 @@ def segment_table(sets: list[Inputs], suite: Suite, device: torch.device,
             "rule": "a Triton segment kernel is worth it only above 2% of the step"}
 
 
+def _new_config(shape, tokens: int, suite) -> tuple[dict, int, int]:
+    """The results entry of one (shape, T) pair, with its rows x row length."""
+    rows, length = rows_for(tokens, min(suite.completion_len, tokens))
+    cfg = {"shape": shape.name, "hidden": shape.hidden, "vocab": shape.vocab,
+           "tokens": tokens, "rows": rows, "row_len": length,
+           "flops": F.model_flops(tokens, shape.hidden, shape.vocab), "cells": {}}
+    return cfg, rows, length
+
+
 def _fastest_logp_fn(device: torch.device):
     """Log-probs for building old_logp: the first of triton, CCE, torch that works here."""
     order = ["torch"]
@@ -253,10 +262,7 @@ def _run(suite: Suite, out_dir: Path, device: torch.device, *, log, cce_cpu: boo
     for shape_name in suite.shapes:
         shape = SHAPES[shape_name]
         for tokens in sorted(suite.tokens):
-            rows, length = rows_for(tokens, min(suite.completion_len, tokens))
-            cfg = {"shape": shape.name, "hidden": shape.hidden, "vocab": shape.vocab,
-                   "tokens": tokens, "rows": rows, "row_len": length,
-                   "flops": F.model_flops(tokens, shape.hidden, shape.vocab), "cells": {}}
+            cfg, rows, length = _new_config(shape, tokens, suite)
             res["configs"].append(cfg)
             if clock.left() <= 0:
                 for n in suite.contenders:
@@ -359,10 +365,7 @@ def run_isolated(suite: Suite, out_dir: Path, *, log=print, plots: bool = True) 
     for shape_name in suite.shapes:
         shape = SHAPES[shape_name]
         for tokens in sorted(suite.tokens):
-            rows, length = rows_for(tokens, min(suite.completion_len, tokens))
-            cfg = {"shape": shape.name, "hidden": shape.hidden, "vocab": shape.vocab,
-                   "tokens": tokens, "rows": rows, "row_len": length,
-                   "flops": F.model_flops(tokens, shape.hidden, shape.vocab), "cells": {}}
+            cfg, rows, length = _new_config(shape, tokens, suite)
             res["configs"].append(cfg)
             log(f"\n== {shape.name} H={shape.hidden} V={shape.vocab} T={tokens} "
                 f"({rows} x {length}), one process per contender and measurement")
