@@ -92,7 +92,7 @@ class WorldConfig:
     off_taste_liked_prob: float = 0.15           # a liked movie outside the user's tastes
     no_words_prob: float = 0.2                   # conversations without taste words
     words_range: tuple[int, int] = (1, 2)
-    groundtruth_range: tuple[int, int] = (4, 8)
+    groundtruth_range: tuple[int, int] = (6, 10)
     off_taste_groundtruth_prob: float = 0.1      # ground-truth items drawn from all items
     popularity_exponent: float = 1.0             # pop_i ~ 1 / (rank_i + popularity_offset)^e
     popularity_offset: float = 10.0
