@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: bootstraps .venv, then runs a job.
-#   bash scripts/dev.sh demo [args]   the main job (the `rankgrpo demo` run on the shipped data)
+#   bash scripts/dev.sh demo [args]   the main job: `rankgrpo demo` (synthetic world + ReDial)
 #   bash scripts/dev.sh test [args]   the test suite (what CI runs)
 # The CPU torch wheel is installed first, so pip never pulls a multi-GB CUDA build; set
 # TORCH_SPEC to choose another torch (a torch already in the venv is kept).
@@ -23,7 +23,7 @@ job=${1:-}
 shift || true
 case "$job" in
   demo)
-    exec "$py" -m rankgrpo_kernels.demo "$@"
+    exec "$venv/bin/rankgrpo" demo "$@"
     ;;
   test)
     # The optional native op library is built when cmake is there, so its parity suite runs.
