@@ -96,11 +96,12 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {d: _version(d) for d in DISTRIBUTIONS},
-        "rankgrpo_kernels": {"version": rk.__version__, "path": str(Path(rk.__file__).parent),
+        "rankgrpo_kernels": {"version": rk.__version__,
+                             "path": _repo_relative(Path(rk.__file__).parent),
                              "triton_available": rk.triton_available(),
                              "native_available": rk.native_available()},
         "git": git_info(),
-        "argv": sys.argv,
+        "argv": [_repo_relative(Path(a)) if Path(a).is_absolute() else a for a in sys.argv],
     }
     if device.type == "cuda":
         info.update(_gpu())
@@ -109,3 +110,12 @@ def environment(device: torch.device) -> dict:
         info["machine"] = f"CPU, {cores} cores ({info['cpu']})"
     return info
 
+
+
+def _repo_relative(path: Path) -> str:
+    """A path inside this checkout as relative to its root, so recorded runs name no machine."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
