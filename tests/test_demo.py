@@ -171,3 +171,18 @@ def test_demo_rejects_bad_arguments(capsys):
     assert main(["--seeds", "0"]) == 2
     assert main(["grpo.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+def test_redial_cuts_keep_the_end_of_the_conversation_and_the_most_mentioned_movies():
+    from rankgrpo.demo import last_turns, most_mentioned
+    from rankgrpo.prompts import build_prompt
+
+    turns = [("USER" if i % 2 == 0 else "SYSTEM", f"turn {i}") for i in range(7)]
+    rec = {"prompt": build_prompt(turns), "completion": "", "seen_titles": ["B"],
+           "groundtruth_with_release_year": [["A", "2001"]]}
+    assert last_turns(rec, 3)["prompt"] == build_prompt(turns[-3:])
+    assert last_turns(rec, 3)["seen_titles"] == ["B"]
+    assert last_turns(rec, 7)["prompt"] == rec["prompt"]
+    catalog = Catalog([("A", 2001), ("B", 1999), ("C", 2010)])
+    other = {**rec, "groundtruth_with_release_year": [["C", "2010"]], "seen_titles": ["B"]}
+    assert most_mentioned([rec, other], catalog, 2) == [("B", 1999), ("A", 2001)]
