@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_logprobs_fwd import _LN2, _LOG2E, logit_tile
+from .triton_logprobs_fwd import _LN2, _LOG2E, clamped, logit_tile
 
 
 @triton.jit
@@ -44,17 +44,11 @@ def dlogits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr
 
     offs_n = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = local < slab_len
     offs_v = v_begin + local
-    cols = tl.minimum(offs_v, V - 1).to(tl.int64)
-
-    acc = logit_tile(h_ptr, w_ptr, rows, cols, H, stride_h, stride_w,
-                     BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
-    z2 = acc * scale
+    z2 = logit_tile(h_ptr, w_ptr, b_ptr, clamped(offs_n, N), clamped(offs_v, V), H, stride_h,
+                    stride_w, scale, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
 
     tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
     valid = row_ok & (tgt >= 0)
@@ -138,7 +132,7 @@ def dhidden_kernel(dz_ptr, w_ptr, acc_ptr, out_ptr, dscale_ptr,
 
     offs_n = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    rows = clamped(offs_n, N)
     hcol = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = hcol < H
     offs_k = tl.arange(0, BLOCK_K)

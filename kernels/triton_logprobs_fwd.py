@@ -30,13 +30,19 @@ _LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def logit_tile(h_ptr, w_ptr, rows, cols, H, stride_h, stride_w,
-               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-               EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_V] tile of hidden[rows] @ weight[cols]^T.
+def clamped(offs, limit):
+    """int64 indices of offs with the out-of-range ones repeating the last valid index (the
+    caller masks what they produce), so that padded lanes never load out of bounds."""
+    return tl.minimum(offs, limit - 1).to(tl.int64)
 
-    rows and cols are int64 indices already clamped into range by the caller (padded rows and
-    columns repeat the last valid one; the caller masks what they produce).
+
+@triton.jit
+def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, H, stride_h, stride_w, scale,
+               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_V] tile of (hidden[rows] @ weight[cols]^T + bias[cols]) * scale.
+
+    rows and cols come from `clamped`; scale is log2(e) / temperature (base-2 logits).
     """
     offs_k = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]
@@ -53,7 +59,9 @@ def logit_tile(h_ptr, w_ptr, rows, cols, H, stride_h, stride_w,
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    return acc
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+    return acc * scale
 
 
 @triton.jit
@@ -94,7 +102,7 @@ def lse_partial_kernel(h_ptr, w_ptr, b_ptr, part_ptr,
     split = (pid % per_group) // group_size
 
     offs_n = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+    rows = clamped(offs_n, N)
     v_begin = split * v_split
     v_end = tl.minimum(v_begin + v_split, V)
 
@@ -104,12 +112,8 @@ def lse_partial_kernel(h_ptr, w_ptr, b_ptr, part_ptr,
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = offs_v < V
-        cols = tl.minimum(offs_v, V - 1).to(tl.int64)
-        acc = logit_tile(h_ptr, w_ptr, rows, cols, H, stride_h, stride_w,
-                         BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
-        z2 = acc * scale
+        z2 = logit_tile(h_ptr, w_ptr, b_ptr, rows, clamped(offs_v, V), H, stride_h, stride_w,
+                        scale, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
         if v0 + BLOCK_V <= V:
             m_i, s_i, q_i = _online_update(z2, col_ok, m_i, s_i, q_i, False)
         else:
