@@ -77,16 +77,25 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--only-default", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--candidates", default=None,
+                    help="';'-separated RANKGRPO_TRITON_CONFIG strings to time instead of the "
+                         "built-in list ('' or 'default' is the table's default)")
     args = ap.parse_args(argv)
+    from . import triton_config as tc
+
+    cands = CANDIDATES[:1] if args.only_default else CANDIDATES
+    if args.candidates is not None:
+        cands = ["" if c.strip() in ("", "default") else c.strip()
+                 for c in args.candidates.split(";")]
+        for c in cands:
+            tc._parse_spec(c)  # a typo fails here, before any GPU work
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     from . import logprobs_triton as lt
-    from . import triton_config as tc
 
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}  T={args.tokens}")
-    cands = CANDIDATES[:1] if args.only_default else CANDIDATES
     for name in args.shapes.split(","):
         H, V = SHAPES[name]
         T = args.tokens
