@@ -22,7 +22,8 @@ bytes of atomics to L2 per 6 * BLOCK_N * BLOCK_V * H FLOPs, about 6 TB/s at 600 
 and dhidden. The slab design pays instead ~3 x N x V x 2 bytes of dz traffic and one fp32
 read-add-write of dhidden per slab. Both estimates are unmeasured; `triton_tune.py` measures
 the slab design per configuration (a larger slab_mib means fewer dhidden passes).
-Extra memory: the dz slab (<= slab_mib = 64 MiB by default, at least one 256-column slab), the
+Extra memory: the dz slab (4096 columns capped at slab_mib = 256 MiB for 16-bit operands on a
+GPU, 64 MiB for fp32; at least one 256-column slab), the
 split-token dW partials when the slab has too few dW tiles to fill the GPU, the dbias partials,
 and, when hidden is not fp32 and there is more than one slab, an fp32 [N, H] dhidden
 accumulator (the result is cast to hidden's dtype in the last slab's GEMM epilogue).
@@ -131,9 +132,12 @@ def _dz_scale(dtype, g, ge, entropy, temperature, dev):
 
 
 def _slab_width(cfg: Config, n: int, vocab: int, itemsize: int) -> int:
-    """dz slab columns: as wide as the budget allows, a multiple of 256 (and of the tiles)."""
+    """dz slab columns: slab_cols (or as wide as the budget allows) within the slab_mib
+    budget, a multiple of 256 (and of the tiles), at least one quantum."""
     quantum = math.lcm(256, cfg.dz.n, cfg.dh.k, cfg.dw.m)
     cols = int(cfg.slab_mib * 2**20) // max(1, n * itemsize)
+    if cfg.slab_cols > 0:
+        cols = min(cols, cfg.slab_cols)
     cols = max(quantum, cols - cols % quantum)
     return min(cols, triton.cdiv(vocab, quantum) * quantum)
 

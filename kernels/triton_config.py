@@ -9,7 +9,8 @@ Override for experiments (bench sweeps, tests) with `override(...)` or the envir
 RANKGRPO_TRITON_CONFIG, e.g.
     RANKGRPO_TRITON_CONFIG="fwd=128x256x64w8s3,v_split=16384,dh=128x256x64w8s3,slab_mib=128"
 Keys: fwd, dz, dw, dh (tiles, MxNxK + w<num_warps> + s<num_stages>), v_split, group,
-slab_mib. A tile's M, N and K are, per kernel:
+slab_mib, slab_cols ("slab_mib=64" trades backward speed for less memory at large T).
+A tile's M, N and K are, per kernel:
     fwd / dz  M tokens,        N vocabulary columns, K hidden (the logit tile and its K-loop)
     dw        M slab columns,  N hidden columns,     K tokens  (dW[slab] = dz^T @ hidden)
     dh        M tokens,        N hidden columns,     K slab columns (dh += dz @ W[slab])
@@ -47,17 +48,24 @@ class Config:
     dw: Tile               # dweight_kernel
     dh: Tile               # dhidden_kernel
     slab_mib: float = 64   # budget for the backward's dz slab [N, slab] (MiB)
+    slab_cols: int = 0     # slab width to aim for within that budget (0: as wide as it allows)
     combine_rows: int = 64  # rows per program of lse_combine_kernel
     combine_k: int = 64     # hidden chunk of its target-logit dot
 
 
 # GPU table. 16-bit operands use the tensor cores (wgmma on sm_90, mma on sm_80); fp32 uses
 # input_precision="ieee" (exact fp32, CUDA cores), the correctness path, not a speed target.
+# 16-bit: timed on an H200 with triton 3.6 (bench/results/2026-11-26-h200-tune/). A 4096-column
+# dz slab was the fastest width at T=8192 and T=32768 (narrower slabs mean more dhidden
+# read-add-write passes), capped by slab_mib (4096 columns reach 256 MiB at T=32768). dW's GEMM
+# takes 128 x 256 tiles; the other kernels keep 128 x 128, because 128 x 256 made them spill
+# on sm_90 (though it timed faster there; see the tune log).
 _GPU_16 = Config(
     fwd=Tile(128, 128, 64, num_warps=8, num_stages=4), v_split=8192, group=16,
     dz=Tile(128, 128, 64, num_warps=8, num_stages=4),
-    dw=Tile(128, 128, 64, num_warps=8, num_stages=4),
+    dw=Tile(128, 256, 64, num_warps=8, num_stages=3),
     dh=Tile(128, 128, 64, num_warps=8, num_stages=4),
+    slab_mib=256, slab_cols=4096,
 )
 _GPU_32 = Config(
     fwd=Tile(64, 64, 32, num_warps=4, num_stages=2), v_split=4096, group=8,
@@ -94,7 +102,7 @@ def _parse_spec(spec: str) -> dict:
                 raise ValueError(f"RANKGRPO_TRITON_CONFIG: bad tile {item!r}, "
                                  f"expected e.g. {key}=128x128x64w8s4")
             out[key] = Tile(int(m[1]), int(m[2]), int(m[3]), int(m[4] or 8), int(m[5] or 3))
-        elif key in ("v_split", "group", "combine_rows", "combine_k"):
+        elif key in ("v_split", "group", "combine_rows", "combine_k", "slab_cols"):
             out[key] = int(val)
         elif key == "slab_mib":
             out[key] = float(val)
