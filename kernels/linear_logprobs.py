@@ -31,7 +31,7 @@ class _LinearLogprobs(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  bias is not None and ctx.needs_input_grad[2])
         if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
+            grad_logp = torch.zeros(targets.shape, dtype=lse.dtype, device=lse.device)
         if grad_entropy is not None and entropy is None:
             grad_entropy = None  # entropy was not computed: its output is a constant zero
         dh, dw, db = ctx.impl.backward(hidden, weight, targets, bias, ctx.temperature, lse,

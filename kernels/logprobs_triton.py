@@ -83,9 +83,11 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             bias: torch.Tensor | None, temperature: float, need_entropy: bool):
     """hidden [N, H], weight [V, H], targets [N] (negative = ignored).
 
-    Returns (logp [N], lse [N], entropy [N] or None) in fp32; logp is 0 where the target is
-    ignored; entropy is computed for every row (always, so that logp is bitwise the same
-    with and without it).
+    Returns (logp [N], state [2, N], entropy [N] or None) in fp32; logp is 0 where the target
+    is ignored; entropy is computed for every row (always, so that logp is bitwise the same
+    with and without it). state holds per row the raw logit maximum m and log2 of the scaled
+    sum-exp, lse = m / temperature + ln 2 * log2 s: what `backward` takes as its `lse`
+    (fp64 inputs go to the torch backend, whose lse is [N]).
     """
     if hidden.dtype == torch.float64:
         return logprobs_torch.forward(hidden, weight, targets, bias, temperature, need_entropy)
@@ -95,7 +97,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     vocab = w.shape[0]
     dev = h.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty_like(logp)
+    lse = torch.empty(2, n, dtype=torch.float32, device=dev)
     ent = torch.empty_like(logp)
     if n == 0:
         return logp, lse, ent if need_entropy else None

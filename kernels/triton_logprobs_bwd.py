@@ -5,7 +5,8 @@ The vocabulary is processed in slabs of `slab` columns (sized so that the dz sla
 budget); per slab, three kernels, none with atomics:
 
 1. `dlogits_kernel`, grid (token blocks x vocab tiles of the slab): recomputes each logit tile
-   with `logit_tile` (the forward's K-loop), forms dz in fp32 from the saved lse and entropy,
+   with `logit_tile` (the forward's K-loop), forms dz in fp32 from the saved (m, log2 s) state
+   and entropy,
    writes dz * dz_scale in the operand dtype into the slab buffer [N, slab] and the fp32 column
    sums of its tile (for dbias) into a [token blocks, slab] buffer.
 2. `dweight_kernel`, grid (vocab tiles x hidden tiles, token splits): dW[slab] = dz^T @ hidden,
@@ -25,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_logprobs_fwd import _LN2, _LOG2E, clamped, logit_tile
+from .triton_logprobs_fwd import _LN2, clamped, logit_tile
 
 
 @triton.jit
@@ -47,15 +48,17 @@ def dlogits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, g_ptr, ge_ptr
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = local < slab_len
     offs_v = v_begin + local
-    z2 = logit_tile(h_ptr, w_ptr, b_ptr, clamped(offs_n, N), clamped(offs_v, V), H, stride_h,
-                    stride_w, scale, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+    t = logit_tile(h_ptr, w_ptr, b_ptr, clamped(offs_n, N), clamped(offs_v, V), H, stride_h,
+                   stride_w, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
 
     tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
     valid = row_ok & (tgt >= 0)
     g = tl.load(g_ptr + offs_n, mask=valid, other=0.0).to(tl.float32)
-    # Padded rows get a huge lse: p = 0 there, never inf * 0.
-    lse2 = tl.load(lse_ptr + offs_n, mask=row_ok, other=1e30) * _LOG2E
-    d = z2 - lse2[:, None]  # log2 p
+    # The forward's state (m, log2 s): d = (t - m) * scale - log2 s is log2 p, computed the
+    # forward's way. Padded rows get a huge log2 s: p = 0 there, never inf * 0.
+    m = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
+    log2_s = tl.load(lse_ptr + N + offs_n, mask=row_ok, other=1e30)
+    d = (t - m[:, None]) * scale - log2_s[:, None]
     p = tl.exp2(d)
     if HAS_GE:
         ge = tl.load(ge_ptr + offs_n, mask=valid, other=0.0).to(tl.float32)

@@ -13,9 +13,13 @@ depends on N or on the other rows of its tile):
    gathers the target logit as a row dot product hidden[n] . W[y_n] in fp32, and writes logp,
    lse and entropy.
 
-Logits are handled in base 2: z2 = (h.w + b) * log2(e) / temperature, so exp is one ex2
-instruction. With m the running max, s = sum 2^(z2 - m) and q = sum 2^(z2 - m) (z2 - m):
-lse2 = m + log2 s and the entropy in bits is log2 s - q / s (no cancellation of large logits).
+With t = h.w + b the raw logit and m its running row max (raw units), every exponent is the
+base-2 difference d = (t - m) * log2(e) / temperature, so exp is one ex2 instruction and the
+scaling is applied after the subtraction: t - m is exact near the maximum however large |t| is
+(scaling first would round t * log2(e) at the magnitude of t, visible at logits around -800).
+s = sum 2^d and q = sum 2^d d: log2 s, the log-prob d_y - log2 s and the entropy in bits
+log2 s - q / s need no cancellation of large numbers. The saved state is (m, log2 s) per row,
+from which the backward recomputes every d exactly the same way.
 """
 
 from __future__ import annotations
@@ -37,12 +41,12 @@ def clamped(offs, limit):
 
 
 @triton.jit
-def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, H, stride_h, stride_w, scale,
+def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, H, stride_h, stride_w,
                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_V] tile of (hidden[rows] @ weight[cols]^T + bias[cols]) * scale.
+    """fp32 [BLOCK_N, BLOCK_V] tile of raw logits hidden[rows] @ weight[cols]^T + bias[cols].
 
-    rows and cols come from `clamped`; scale is log2(e) / temperature (base-2 logits).
+    rows and cols come from `clamped`.
     """
     offs_k = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]
@@ -61,17 +65,19 @@ def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, H, stride_h, stride_w, scale,
         w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
-    return acc * scale
+    return acc
 
 
 @triton.jit
-def _online_update(z2, col_ok, m_i, s_i, q_i, MASKED: tl.constexpr):
-    """Fold a [BLOCK_N, BLOCK_V] tile of base-2 logits into the running (m, s, q) per row."""
+def _online_update(t, col_ok, m_i, s_i, q_i, scale, MASKED: tl.constexpr):
+    """Fold a [BLOCK_N, BLOCK_V] tile of raw logits into the running (m, s, q) per row
+    (m raw, s and q of the base-2 differences d = (t - m) * scale)."""
     if MASKED:
-        z2 = tl.where(col_ok[None, :], z2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(z2, 1))
-    alpha = tl.exp2(m_i - m_new)  # 0 on the first tile (m_i = -inf)
-    d = z2 - m_new[:, None]
+        t = tl.where(col_ok[None, :], t, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(t, 1))
+    step = (m_i - m_new) * scale  # -inf on the first tile (m_i = -inf): alpha = 0
+    alpha = tl.exp2(step)
+    d = (t - m_new[:, None]) * scale
     e = tl.exp2(d)
     if MASKED:
         ed = e * tl.where(col_ok[None, :], d, 0.0)  # 0 * -inf is NaN on padded columns
@@ -79,7 +85,7 @@ def _online_update(z2, col_ok, m_i, s_i, q_i, MASKED: tl.constexpr):
         ed = e * d
     # q shifts with the max: sum e' (z - m_new) = alpha (q + s (m_i - m_new)); on the first
     # tile s_i = 0 and m_i = -inf.
-    shift = s_i * tl.where(s_i > 0, m_i - m_new, 0.0)
+    shift = s_i * tl.where(s_i > 0, step, 0.0)
     q_new = alpha * (q_i + shift) + tl.sum(ed, 1)
     s_new = s_i * alpha + tl.sum(e, 1)
     return m_new, s_new, q_new
@@ -91,7 +97,7 @@ def lse_partial_kernel(h_ptr, w_ptr, b_ptr, part_ptr,
                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, EVEN_K: tl.constexpr,
                        PRECISION: tl.constexpr):
-    """part[0|1|2, split, row] = (m, s, q) of the row's base-2 logits over one split."""
+    """part[0|1|2, split, row] = (m, s, q) of the row's logits over one split."""
     pid = tl.program_id(0)
     # Grouped order: GROUP_N token blocks share the W tiles they stream through L2.
     num_m = tl.cdiv(N, BLOCK_N)
@@ -112,12 +118,12 @@ def lse_partial_kernel(h_ptr, w_ptr, b_ptr, part_ptr,
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = offs_v < V
-        z2 = logit_tile(h_ptr, w_ptr, b_ptr, rows, clamped(offs_v, V), H, stride_h, stride_w,
-                        scale, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+        t = logit_tile(h_ptr, w_ptr, b_ptr, rows, clamped(offs_v, V), H, stride_h, stride_w,
+                       HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
         if v0 + BLOCK_V <= V:
-            m_i, s_i, q_i = _online_update(z2, col_ok, m_i, s_i, q_i, False)
+            m_i, s_i, q_i = _online_update(t, col_ok, m_i, s_i, q_i, scale, False)
         else:
-            m_i, s_i, q_i = _online_update(z2, col_ok, m_i, s_i, q_i, True)
+            m_i, s_i, q_i = _online_update(t, col_ok, m_i, s_i, q_i, scale, True)
 
     row_ok = offs_n < N
     out = part_ptr + split.to(tl.int64) * N + offs_n
@@ -131,10 +137,11 @@ def lse_partial_kernel(h_ptr, w_ptr, b_ptr, part_ptr,
 def lse_combine_kernel(part_ptr, h_ptr, w_ptr, b_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr,
                        N, H, stride_h, stride_w, scale, num_splits,
                        HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Fold the split triples (in split order) into lse and entropy; gather the target logit.
+    """Fold the split triples (in split order) into the row's (m, log2 s) state, stored as
+    state[0, row] = m and state[1, row] = log2 s, and the entropy; gather the target logit.
 
-    logp = (z2[y] - lse2) ln 2 with z2[y] = (h . W[y] + b[y]) * scale, the same scale as the
-    partial kernel, so a rounding of scale cancels. Rows with a negative target get logp 0.
+    logp = ((t[y] - m) * scale - log2 s) ln 2 with t[y] = h . W[y] + b[y] raw, the same
+    difference-then-scale as the partial kernel. Rows with a negative target get logp 0.
     """
     pid = tl.program_id(0)
     offs = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -153,12 +160,12 @@ def lse_combine_kernel(part_ptr, h_ptr, w_ptr, b_ptr, tgt_ptr, logp_ptr, lse_ptr
         ms = tl.load(p, mask=row_ok, other=0.0)
         ss = tl.load(p + plane, mask=row_ok, other=1.0)
         qs = tl.load(p + 2 * plane, mask=row_ok, other=0.0)
-        a = tl.exp2(ms - m)
+        step = (ms - m) * scale
+        a = tl.exp2(step)
         s += ss * a
-        q += a * (qs + ss * (ms - m))
+        q += a * (qs + ss * step)
         p += N
     log2_s = tl.log2(s)
-    lse2 = m + log2_s
 
     tgt = tl.load(tgt_ptr + offs, mask=row_ok, other=-1)
     valid = row_ok & (tgt >= 0)
@@ -174,8 +181,9 @@ def lse_combine_kernel(part_ptr, h_ptr, w_ptr, b_ptr, tgt_ptr, logp_ptr, lse_ptr
         dot += tl.sum(a.to(tl.float32) * b.to(tl.float32), 1)
     if HAS_BIAS:
         dot += tl.load(b_ptr + trow, mask=valid, other=0.0).to(tl.float32)
-    logp = tl.where(valid, (dot * scale - lse2) * _LN2, 0.0)
+    logp = tl.where(valid, ((dot - m) * scale - log2_s) * _LN2, 0.0)
 
     tl.store(logp_ptr + offs, logp, mask=row_ok)
-    tl.store(lse_ptr + offs, lse2 * _LN2, mask=row_ok)
+    tl.store(lse_ptr + offs, m, mask=row_ok)
+    tl.store(lse_ptr + N + offs, log2_s, mask=row_ok)
     tl.store(ent_ptr + offs, (log2_s - q / s) * _LN2, mask=row_ok)
