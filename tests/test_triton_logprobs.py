@@ -97,6 +97,8 @@ CASES = {
     "ragged": (77, 40, 1000, dict(ignore=9), 0.7),
     "one-token": (1, 24, 333, dict(), 1.0),
     "very-negative": (33, 16, 700, dict(bias_shift=-800.0, ignore=3), 1.0),
+    # Large logits with a temperature: the max must come off before any scaling.
+    "large-hot": (29, 16, 650, dict(bias_shift=2000.0, ignore=2), 0.8),
     "peaked": (40, 32, 517, dict(w_scale=25.0, ignore=2), 1.3),
     "no-bias": (50, 64, 1100, dict(bias=False), 1.0),
 }
