@@ -43,6 +43,15 @@ KS = (5, 10, 20)
 METRIC_KEYS = tuple(f"{m}@{k}" for k in KS for m in ("recall", "ndcg"))
 LABELS = {"teacher": "teacher (taste chart)", "popularity": "popularity (global)",
           "sft": "SFT", "rank_grpo": "Rank-GRPO (exp_inf)", "grpo": "GRPO (sequence DCG)"}
+
+
+def stage2_label(grpo) -> str:
+    """The stage-2 row's name from its config (overrides may change the reward or level)."""
+    if grpo.importance_sampling_level == "rank":
+        return f"Rank-GRPO ({grpo.reward_kind})"
+    return f"stage 2 ({grpo.reward_kind} reward, {grpo.importance_sampling_level} level)"
+
+
 TOKENIZER_NOTE = ("tokenizer: word level, built in-process; every catalog item `Title (Year)` "
                   "is ONE token, `\\n` is one token (a 20-item list is 40 tokens with EOS), "
                   "and the paper's fixed instruction that opens every prompt is one token")
@@ -356,9 +365,9 @@ def _seed_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def save_plots(runs: list[dict], out: Path) -> list[str]:
+def save_plots(runs: list[dict], out: Path, labels: dict[str, str] = LABELS) -> list[str]:
     """rewards_per_rank.png (training relevance per rank, first seed) and heldout_ndcg.png
-    (held-out NDCG@10 over RL steps, every seed)."""
+    (held-out NDCG@10 over RL steps, every seed); `labels` names the methods."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,7 +390,7 @@ def save_plots(runs: list[dict], out: Path) -> list[str]:
                       for i in range(len(ys))]
                 ax.plot(steps, sm, color=cmap(k / max(1, n - 1)), lw=1.2,
                         label=f"rank {k + 1}" if k in (0, 4, 9, 19) else None)
-        ax.set_title(f"{LABELS[name]}: training reward per rank (seed {first['seed']})")
+        ax.set_title(f"{labels[name]}: training reward per rank (seed {first['seed']})")
         ax.set_xlabel("RL step")
         ax.set_ylabel(f"mean relevance at rank k (moving avg {window})")
         ax.legend(fontsize=8)
@@ -401,11 +410,11 @@ def save_plots(runs: list[dict], out: Path) -> list[str]:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
                     color=colors.get(name, "tab:green"), alpha=1.0 if i == 0 else 0.45,
-                    label=f"{LABELS[name]}" if i == 0 else None)
+                    label=labels[name] if i == 0 else None)
         ax.axhline(run["metrics"]["teacher"]["ndcg@10"], color="grey", ls=":", lw=1,
-                   label=LABELS["teacher"] if i == 0 else None)
+                   label=labels["teacher"] if i == 0 else None)
         ax.axhline(run["metrics"]["popularity"]["ndcg@10"], color="grey", ls="--", lw=1,
-                   label=LABELS["popularity"] if i == 0 else None)
+                   label=labels["popularity"] if i == 0 else None)
     ax.set_xlabel("RL step (0 = the SFT model)")
     ax.set_ylabel("held-out NDCG@10")
     ax.set_title(f"SYNTHETIC world: held-out NDCG@10 over Rank-GRPO steps "
@@ -463,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.quick:
         cfg, rcfg = _quick_config(cfg), _quick_config(rcfg)
+    labels = {**LABELS, "rank_grpo": stage2_label(cfg.grpo)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -478,12 +488,12 @@ def main(argv: list[str] | None = None) -> int:
                                   log=log))
         m = runs[-1]["metrics"]
         log(f"\nSYNTHETIC world, seed {s}, held-out ({runs[-1]['world']['heldout_records']} "
-            f"conversations):\n" + _table([(LABELS[k], m[k]) for k in m]) + "\n")
+            f"conversations):\n" + _table([(labels[k], m[k]) for k in m]) + "\n")
     redial = None
     if not args.skip_redial:
         redial = run_redial(args.seed, rcfg, out, quick=args.quick, log=log,
                             max_turns=args.redial_turns, max_items=args.redial_items)
-    plots = save_plots(runs, out)
+    plots = save_plots(runs, out, labels)
     first = runs[0]
     results: dict[str, Any] = {**first["metrics"]}
     results["redial"] = redial
@@ -495,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(runs) > 1:
         results["seeds"] = seed_summary(runs)
         results["seeds"]["curves"] = {r["seed"]: r["curves"] for r in runs}
+    results["labels"] = labels
     results["plots"] = plots
     results["quick"] = bool(args.quick)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -506,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     log("=" * 90)
     for r in runs:
         log(f"SYNTHETIC world (labelled synthetic), seed {r['seed']}, held-out:\n" +
-            _table([(LABELS[k], v) for k, v in r["metrics"].items()]))
+            _table([(labels[k], v) for k, v in r["metrics"].items()]))
     if len(runs) > 1:
         summ = results["seeds"]
         log(f"\n{len(runs)} seeds, NDCG@10 / Recall@10 (RG = Rank-GRPO; lift = RG - SFT):\n"
@@ -518,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"\nReDial (real data, {redial['train_records']} train / {redial['test_records']} "
             "test records; no lift claimed on CPU):\n" +
             _table([("popularity (SFT teacher)", redial["popularity"]), ("SFT", redial["sft"]),
-                    (LABELS["rank_grpo"], redial["rank_grpo"])]))
+                    (stage2_label(rcfg.grpo), redial["rank_grpo"])]))
     log(f"\nwrote {out / 'demo_results.json'} and {', '.join(plots)} "
         f"({results['seconds']:.0f} s)")
     return 0

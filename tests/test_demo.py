@@ -143,6 +143,7 @@ def test_quick_demo_writes_results_and_plots(tmp_path):
         assert set(res["redial"][name]) == keys
     assert res["seed"] == 0 and res["seconds"] > 0 and res["quick"] is True
     assert res["synthetic"]["world"]["synthetic"] is True
+    assert res["labels"]["rank_grpo"] == "Rank-GRPO (exp_inf)"
     for png in ("rewards_per_rank.png", "heldout_ndcg.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -163,6 +164,16 @@ def test_seed_summary_reports_lift_and_spread():
     assert s["lift_exceeds_spread"] is True
     s = seed_summary([run(0, 0.10, 0.12), run(1, 0.12, 0.20)])
     assert s["lift_exceeds_spread"] is False
+
+
+def test_stage2_row_is_named_from_its_config():
+    from rankgrpo.demo import load_demo_config, stage2_label
+
+    assert stage2_label(load_demo_config("demo", []).grpo) == "Rank-GRPO (exp_inf)"
+    assert stage2_label(load_demo_config("demo", ["grpo.reward_kind=log"]).grpo) == \
+        "Rank-GRPO (log)"
+    gspo = load_demo_config("demo", ["grpo.importance_sampling_level=sequence"]).grpo
+    assert stage2_label(gspo) == "stage 2 (exp_inf reward, sequence level)"
 
 
 def test_demo_rejects_bad_arguments(capsys):
