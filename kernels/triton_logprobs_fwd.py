@@ -11,7 +11,7 @@ depends on N or on the other rows of its tile):
    columns are -inf. It writes one triple per (split, row).
 2. `lse_combine_kernel`, grid over row blocks: folds the split triples in split order (fixed),
    gathers the target logit as a row dot product hidden[n] . W[y_n] in fp32, and writes logp,
-   lse and entropy.
+   the (m, log2 s) state and entropy.
 
 With t = h.w + b the raw logit and m its running row max (raw units), every exponent is the
 base-2 difference d = (t - m) * log2(e) / temperature, so exp is one ex2 instruction and the
