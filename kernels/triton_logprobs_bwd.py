@@ -6,9 +6,8 @@ budget); per slab, three kernels, none with atomics:
 
 1. `dlogits_kernel`, grid (token blocks x vocab tiles of the slab): recomputes each logit tile
    with `logit_tile` (the forward's K-loop), forms dz in fp32 from the saved (m, log2 s) state
-   and entropy,
-   writes dz * dz_scale in the operand dtype into the slab buffer [N, slab] and the fp32 column
-   sums of its tile (for dbias) into a [token blocks, slab] buffer.
+   and entropy, writes dz * dz_scale in the operand dtype into the slab buffer [N, slab] and
+   the fp32 column sums of its tile (for dbias) into a [token blocks, slab] buffer.
 2. `dweight_kernel`, grid (vocab tiles x hidden tiles, token splits): dW[slab] = dz^T @ hidden,
    a GEMM whose reduction runs over all tokens inside one program (or a fixed number of token
    splits summed later in a fixed order), so dW is written once, in its own dtype.

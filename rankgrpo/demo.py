@@ -41,8 +41,9 @@ from typing import Any
 
 KS = (5, 10, 20)
 METRIC_KEYS = tuple(f"{m}@{k}" for k in KS for m in ("recall", "ndcg"))
+# The stage-2 row ("rank_grpo") is named from its config: `stage2_label`.
 LABELS = {"teacher": "teacher (taste chart)", "popularity": "popularity (global)",
-          "sft": "SFT", "rank_grpo": "Rank-GRPO (exp_inf)", "grpo": "GRPO (sequence DCG)"}
+          "sft": "SFT", "grpo": "GRPO (sequence DCG)"}
 
 
 def stage2_label(grpo) -> str:
@@ -365,7 +366,7 @@ def _seed_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def save_plots(runs: list[dict], out: Path, labels: dict[str, str] = LABELS) -> list[str]:
+def save_plots(runs: list[dict], out: Path, labels: dict[str, str]) -> list[str]:
     """rewards_per_rank.png (training relevance per rank, first seed) and heldout_ndcg.png
     (held-out NDCG@10 over RL steps, every seed); `labels` names the methods."""
     import matplotlib
