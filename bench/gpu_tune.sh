@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A short GPU session for kernel configuration work (about 5 minutes on an H200): the Triton
-# GPU parity tests, then `rankgrpo_kernels.triton_tune` over candidate configurations at
+# GPU parity tests, then `tools.triton_tune` over candidate configurations at
 # T=8192 (three shapes) and T=32768 (the small and the large head). Logs go to OUT_DIR.
 #
 #   bash bench/gpu_tune.sh [OUT_DIR]      (default $OUT, else bench/out/gpu_tune)
@@ -30,8 +30,8 @@ RC=$?
 
 SHORT=${TUNE_CANDIDATES:-"default;fwd=128x256x64w8s3,dz=128x256x64w8s3;fwd=64x256x64w8s4,dz=64x256x64w8s4;fwd=128x128x128w8s3,dz=128x128x128w8s3;fwd=64x128x64w4s4,dz=64x128x64w4s4;v_split=16384;v_split=4096;group=32;dw=128x256x64w8s3,dh=128x256x64w8s3;dh=128x128x64w4s4"}
 LONG=${TUNE_CANDIDATES_LONG:-"default;slab_mib=16;slab_mib=256;dw=128x256x64w8s3,dh=128x256x64w8s3"}
-timeout -k 5 200 "$PY" -m rankgrpo_kernels.triton_tune --tokens 8192 --candidates "$SHORT" \
+timeout -k 5 200 "$PY" -m tools.triton_tune --tokens 8192 --candidates "$SHORT" \
   2>&1 | tee "$OUT_DIR/tune_T8192.log"
-timeout -k 5 90 "$PY" -m rankgrpo_kernels.triton_tune --tokens 32768 \
+timeout -k 5 90 "$PY" -m tools.triton_tune --tokens 32768 \
   --shapes qwen2.5-0.5b,qwen2.5-7b --candidates "$LONG" 2>&1 | tee "$OUT_DIR/tune_T32768.log"
 exit $RC

@@ -6,7 +6,7 @@ and `torch_stage` (the closed form) in the same dtype, g and the stats agree wit
 `tol * sum_t |c_t| (|A_t| (w_t + 1) + 1)` (its rounding scale, see `loss_scale`): tol = 1e-12
 in float64, 1e-5 in float32. Token counts and clip counts are exact. Inputs are fresh random
 draws each run (the `rng` fixture prints the seed). Skipped when the library is not built;
-build it with `cmake -S . -B build && cmake --build build` (see kernels/native.py).
+build it with `cmake -S . -B build && cmake --build build` (see rankgrpo_kernels/native.py).
 """
 
 from __future__ import annotations

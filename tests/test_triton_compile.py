@@ -1,6 +1,6 @@
 """Every Triton phase-1 kernel compiles for sm_90 and sm_80 without a GPU, without spills.
 
-Runs `python -m rankgrpo_kernels.compile_report --json` once in a subprocess (the kernels must
+Runs `python -m tools.compile_report --json` once in a subprocess (the kernels must
 be real @triton.jit functions, not the interpreter's) and checks its results; `pytest -s`
 prints the table (registers, spill bytes, shared memory per kernel and configuration).
 """
@@ -23,11 +23,11 @@ def report():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env.pop("RANKGRPO_TRITON_CONFIG", None)  # the default configurations
     proc = subprocess.run(
-        [sys.executable, "-m", "rankgrpo_kernels.compile_report", "--json", "--jobs", "2"],
+        [sys.executable, "-m", "tools.compile_report", "--json", "--jobs", "2"],
         env=env, capture_output=True, text=True, timeout=900)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert rows, f"compile_report printed nothing:\n{proc.stderr[-3000:]}"
-    from rankgrpo_kernels.compile_report import Result, _row
+    from tools.compile_report import Result, _row
     print()
     for r in rows:
         print(_row(Result(**{k: v for k, v in r.items() if k != "ok"})))

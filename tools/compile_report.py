@@ -3,8 +3,8 @@
 No GPU is needed: Triton lowers to PTX and runs its bundled ptxas, so register-allocation
 failures, spills and shared-memory overflows show up here as they would on the card.
 
-    python -m rankgrpo_kernels.compile_report            # table for the DESIGN.md shapes
-    python -m rankgrpo_kernels.compile_report --arch 90 --dtype bf16 --json
+    python -m tools.compile_report            # table for the DESIGN.md shapes
+    python -m tools.compile_report --arch 90 --dtype bf16 --json
 
 Must run with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions);
 the module re-executes itself in a clean subprocess if it finds the variable set.
@@ -53,9 +53,9 @@ def _kernel_specs(dtype: str, hidden: int, vocab: int):
     """(kernel, variant, config string, runtime-arg types, constexprs, num_warps, stages)."""
     import torch
 
-    from . import triton_logprobs_bwd as bwd
-    from . import triton_logprobs_fwd as fwd
-    from .triton_config import select
+    from rankgrpo_kernels import triton_logprobs_bwd as bwd
+    from rankgrpo_kernels import triton_logprobs_fwd as fwd
+    from rankgrpo_kernels.triton_config import select
 
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     cfg = select(tdt, hidden, vocab, interpret=False)
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "rankgrpo_kernels.compile_report",
+        return subprocess.call([sys.executable, "-m", "tools.compile_report",
                                 *(argv if argv is not None else sys.argv[1:])], env=env)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with tempfile.TemporaryDirectory(prefix="rankgrpo-triton-cache-") as cache:

@@ -7,7 +7,7 @@ Build it from the repository root, with the Python that has torch on PATH (or
 
 The library is looked up in this order:
   1. the environment variable RANKGRPO_NATIVE_LIB (a path to the built .so);
-  2. build/librankgrpo_native.so beside the kernels/ folder (a source checkout).
+  2. build/librankgrpo_native.so beside the rankgrpo_kernels/ folder (a source checkout).
 It registers `torch.ops.rankgrpo.segment_stage`, with a CPU (C++) kernel always and a CUDA
 kernel when it was built with one (`cuda_compiled()`). Nothing else in the package needs it.
 """

@@ -1,7 +1,7 @@
 """Time the Triton phase-1 kernels for a few candidate configurations on a CUDA GPU.
 
-    python -m rankgrpo_kernels.triton_tune                 # default + candidates, ~2-3 min
-    python -m rankgrpo_kernels.triton_tune --only-default --tokens 32768
+    python -m tools.triton_tune                 # default + candidates, ~2-3 min
+    python -m tools.triton_tune --only-default --tokens 32768
 
 For each shape and configuration: the no-grad forward (2*T*H*V FLOPs) and forward+backward
 (8*T*H*V), in ms and TFLOP/s, next to torch's bf16 matmul rate on the same GPU (the [T, H] @
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                     help="';'-separated RANKGRPO_TRITON_CONFIG strings to time instead of the "
                          "built-in list ('' or 'default' is the table's default)")
     args = ap.parse_args(argv)
-    from . import triton_config as tc
+    from rankgrpo_kernels import triton_config as tc
 
     cands = CANDIDATES[:1] if args.only_default else CANDIDATES
     if args.candidates is not None:
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    from . import logprobs_triton as lt
+    from rankgrpo_kernels import logprobs_triton as lt
 
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}  T={args.tokens}")

@@ -1,0 +1,1 @@
+"""Developer tools for the Triton kernels (run from a checkout: python -m tools.NAME)."""
