@@ -29,10 +29,11 @@ from typing import Any
 
 import yaml
 
+from .rewards import REWARD_KINDS
+
 SECTIONS = ("model", "data", "sft", "grpo", "eval")
 LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "rank")
 LEVELS = ("token", "sequence", "rank")
-REWARD_KINDS = ("exp_inf", "log", "exp_gamma", "sequence_dcg")
 SCALES = ("group", "batch", "none")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "multistep")
 BACKENDS = ("auto", "reference", "torch", "triton", "native")
@@ -104,6 +105,7 @@ class _Loop:
     eval_on_start: bool = False  # evaluate once before the first step
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     disable_tqdm: bool = False
+    skip_nonfinite_steps: int = 0  # steps a run may skip for a NaN/inf loss or gradient
 
 
 @dataclass
@@ -158,7 +160,6 @@ class GRPOConfig(_Loop):
     exact_eos_bonus: float = 0.1
     mask_truncated_completions: bool = False
     long_prompts: str = "error"  # "skip": drop (and count) records over max_prompt_length
-    use_vllm: bool = False
 
 
 @dataclass
@@ -172,6 +173,7 @@ class EvalConfig:
     ideal: str = "groundtruth"  # IDCG from min(|GT|, K); "surviving": the released code's cap
     output_file: str | None = None  # write per-record generations and metrics (JSONL)
     long_prompts: str = "skip"
+    disable_tqdm: bool = False  # `rankgrpo eval`'s progress bar
 
 
 @dataclass
@@ -227,6 +229,12 @@ def _positive(key, value, allow_zero=False):
 def validate_section(name: str, cfg: Any) -> None:
     """Range and choice checks of one section (types were checked when loading)."""
     k = lambda key: f"{name}.{key}"  # noqa: E731
+    for f in dataclasses.fields(cfg):  # inf or NaN anywhere would train into NaN weights
+        v = getattr(cfg, f.name)
+        for i, x in enumerate(v if isinstance(v, list) else [v]):
+            if isinstance(x, float) and not math.isfinite(x):
+                _fail(k(f.name) + (f"[{i}]" if isinstance(v, list) else ""), x,
+                      "a finite number")
     if isinstance(cfg, ModelConfig):
         _choice(k("dtype"), cfg.dtype, DTYPES)
         return
@@ -266,6 +274,7 @@ def validate_section(name: str, cfg: Any) -> None:
     _choice(k("lr_scheduler_type"), cfg.lr_scheduler_type, SCHEDULERS)
     _choice(k("kernel_backend"), cfg.kernel_backend, BACKENDS)
     _positive(k("lr_gamma"), cfg.lr_gamma)
+    _positive(k("skip_nonfinite_steps"), cfg.skip_nonfinite_steps, allow_zero=True)
     if sorted(cfg.lr_milestones) != list(cfg.lr_milestones) or any(
             m < 1 for m in cfg.lr_milestones):
         _fail(k("lr_milestones"), cfg.lr_milestones, "increasing steps >= 1")
@@ -298,9 +307,6 @@ def validate_section(name: str, cfg: Any) -> None:
         _fail(k("reward_gamma"), cfg.reward_gamma, "> 1 with reward_kind=exp_gamma")
     _choice(k("scale_rewards"), cfg.scale_rewards, SCALES)
     _choice(k("segment_mode"), cfg.segment_mode, SEGMENT_MODES)
-    if cfg.use_vllm:
-        _fail(k("use_vllm"), True, "false: the vLLM rollout is not implemented yet (the "
-              "`rankgrpo.rollout.Rollout` protocol is where it plugs in)")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -494,12 +500,6 @@ def load_config(paths: str | os.PathLike | list | tuple | None = None,
     if validate:
         cfg.validate(command)
     return cfg
-
-
-def from_dict(raw: dict, *, command: str | None = None, validate: bool = True) -> Config:
-    """A Config from a nested mapping (same checks as a YAML file)."""
-    cfg = merge_dict(Config(), raw, source="dict")
-    return cfg.validate(command) if validate else cfg
 
 
 def replace(section_obj, **changes):

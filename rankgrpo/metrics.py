@@ -13,12 +13,11 @@ what `evaluate` prints unless told otherwise) or, as the released code does,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Container, Iterable, Mapping, Sequence
 from typing import Any
 
 from .parsing import parse_lines, parse_recommendations
-from .rewards import normalize_title, year_offsets
+from .rewards import normalize_title, sequence_dcg, year_offsets
 
 DEFAULT_KS = (5, 10, 15, 20)
 IDEALS = ("groundtruth", "surviving")
@@ -75,10 +74,6 @@ def recall_at_k(recs: Recs, groundtruth: Iterable[Sequence[Any]], seen_titles: I
     return sum(hits[:k]) / size if size else 0.0
 
 
-def _dcg(hits: Sequence[int]) -> float:
-    return sum(h / math.log2(i + 2) for i, h in enumerate(hits))
-
-
 def ndcg_at_k(recs: Recs, groundtruth: Iterable[Sequence[Any]], seen_titles: Iterable[str],
               catalog: Container | None, k: int, *, ideal: str = "groundtruth") -> float:
     """`DCG@k / IDCG@k` of the compacted list, in [0, 1]; 0 when the ideal list is empty.
@@ -91,8 +86,8 @@ def ndcg_at_k(recs: Recs, groundtruth: Iterable[Sequence[Any]], seen_titles: Ite
         raise ValueError(f"ideal must be one of {IDEALS}, got {ideal!r}")
     hits, size = evaluation_hits(recs, groundtruth, seen_titles, catalog)
     n_ideal = min(size, k) if ideal == "groundtruth" else min(size, k, len(hits))
-    idcg = _dcg([1] * n_ideal)
-    return _dcg(hits[:k]) / idcg if idcg > 0 else 0.0
+    idcg = sequence_dcg([1] * n_ideal)
+    return sequence_dcg(hits[:k]) / idcg if idcg > 0 else 0.0
 
 
 def list_diagnostics(text: str, seen_titles: Iterable[str], catalog: Container | None,

@@ -1,9 +1,12 @@
 """Relevance and rank-level rewards (SPEC sections 2-3).
 
 Public names other programs call: `parse_recommendations`, `rank_relevance`, `rank_rewards`,
-`sequence_dcg`; batch helpers `relevance_matrix` / `reward_matrix` return torch tensors for
-the trainer. Length shaping (section 5) lives in `rankgrpo.shaping` and the aligned
-token-to-item mapping in `rankgrpo.alignment`; both are re-exported here.
+`sequence_dcg` (and `dcg_terms`, the one DCG formula that the rewards, the trainer's rollout
+metrics and the evaluation metrics share); batch helpers `relevance_matrix`,
+`rewards_from_relevance` and `reward_matrix` return torch tensors for the trainer.
+`REWARD_KINDS` is the one list of reward kinds (the config validates against it). Length
+shaping (section 5) lives in `rankgrpo.shaping` and the aligned token-to-item mapping in
+`rankgrpo.alignment`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ from .parsing import parse_recommendations
 from .shaping import LengthShaping, eos_mask_from_ids, length_shaping, token_advantages
 
 __all__ = [
-    "parse_recommendations", "rank_relevance", "rank_rewards", "sequence_dcg",
-    "relevance_matrix", "reward_matrix", "REWARD_KINDS", "year_offsets",
+    "parse_recommendations", "rank_relevance", "rank_rewards", "sequence_dcg", "dcg_terms",
+    "relevance_matrix", "rewards_from_relevance", "reward_matrix", "REWARD_KINDS",
+    "RANK_REWARD_KINDS", "year_offsets",
     "LengthShaping", "length_shaping", "eos_mask_from_ids", "token_advantages",
     "AlignedBatch", "aligned_segment_ids",
 ]
 
-REWARD_KINDS = ("exp_inf", "log", "exp_gamma")
+# Per-rank rewards [N] per completion (Rank-GRPO) ...
+RANK_REWARD_KINDS = ("exp_inf", "log", "exp_gamma")
+# ... plus the one sequence reward of vanilla GRPO / GSPO (a scalar per completion).
+REWARD_KINDS = RANK_REWARD_KINDS + ("sequence_dcg",)
 _WS = re.compile(r"\s+")
 
 
@@ -113,16 +120,18 @@ def rank_rewards(relevance: Sequence[float], kind: str = "exp_inf",
     - "log": causal DCG, `r_k = sum_{j=k..N} rel_j / log2(j + 1)`, j the absolute rank;
     - "exp_gamma": `r_k = sum_{j=k..N} rel_j / gamma^(j - k)`, any `gamma > 1` (inf allowed).
     """
-    if kind not in REWARD_KINDS:
-        raise ValueError(f"kind must be one of {REWARD_KINDS}, got {kind!r}")
+    if kind not in RANK_REWARD_KINDS:
+        hint = " ('sequence_dcg' is one reward per completion: use sequence_dcg)" \
+            if kind == "sequence_dcg" else ""
+        raise ValueError(f"kind must be one of {RANK_REWARD_KINDS}, got {kind!r}{hint}")
     rel = [float(r) for r in relevance]
     if kind == "exp_inf":
         return rel
     out = [0.0] * len(rel)
     acc = 0.0
-    if kind == "log":
-        for k in range(len(rel) - 1, -1, -1):  # k is 0-based, the rank j = k + 1
-            acc += rel[k] / math.log2(k + 2)
+    if kind == "log":  # the suffix sums of the DCG terms
+        for k, term in reversed(list(enumerate(dcg_terms(rel)))):
+            acc += term
             out[k] = acc
         return out
     if gamma is None or not gamma > 1:
@@ -133,9 +142,16 @@ def rank_rewards(relevance: Sequence[float], kind: str = "exp_inf",
     return out
 
 
+def dcg_terms(relevance: Sequence[float]) -> list[float]:
+    """`rel_j / log2(j + 1)` for the 1-based ranks j = 1..len: the terms of every DCG here
+    (the sequence reward, the causal "log" rank reward, NDCG in rollouts and evaluation)."""
+    return [float(r) / math.log2(j + 2) for j, r in enumerate(relevance)]
+
+
 def sequence_dcg(relevance: Sequence[float]) -> float:
-    """`DCG@N = sum_j rel_j / log2(j + 1)`: the one sequence reward of vanilla GRPO."""
-    return float(sum(float(r) / math.log2(j + 2) for j, r in enumerate(relevance)))
+    """`DCG@N = sum_j rel_j / log2(j + 1)`: the one sequence reward of vanilla GRPO
+    (reward kind "sequence_dcg"), also the DCG of the NDCG metrics."""
+    return float(sum(dcg_terms(relevance)))
 
 
 def relevance_matrix(generations: Sequence[Sequence[tuple[str, int]] | str],
@@ -151,16 +167,29 @@ def relevance_matrix(generations: Sequence[Sequence[tuple[str, int]] | str],
     return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), num_ranks)
 
 
+def rewards_from_relevance(relevance: torch.Tensor, kind: str = "exp_inf",
+                           gamma: float | None = None) -> torch.Tensor:
+    """Float32 rewards from a `[B, N]` relevance matrix: `[B, N]` rank rewards for a kind of
+    `RANK_REWARD_KINDS` (as `rank_rewards`), or `[B]` for `kind="sequence_dcg"` (the vanilla
+    GRPO baseline)."""
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"kind must be one of {REWARD_KINDS}, got {kind!r}")
+    if relevance.dim() != 2:
+        raise ValueError(f"relevance must be [B, N], got shape {tuple(relevance.shape)}")
+    rows = relevance.tolist()
+    if kind == "sequence_dcg":
+        return torch.tensor([sequence_dcg(r) for r in rows], dtype=torch.float32)
+    return torch.tensor([rank_rewards(r, kind, gamma) for r in rows],
+                        dtype=torch.float32).reshape(relevance.shape)
+
+
 def reward_matrix(generations: Sequence[Sequence[tuple[str, int]] | str],
                   records: Sequence[Mapping[str, Any]],
                   catalog: Container | None, num_ranks: int = 20,
                   kind: str = "exp_inf", gamma: float | None = None,
                   *, year_tolerance: int = 2) -> torch.Tensor:
-    """Rank rewards `[B, N]` (kind as `rank_rewards`), or `[B]` sequence DCG for
-    `kind="sequence"` (the vanilla GRPO baseline)."""
+    """`rewards_from_relevance` of `relevance_matrix`: rank rewards `[B, N]`, or `[B]`
+    sequence DCG for `kind="sequence_dcg"`."""
     rel = relevance_matrix(generations, records, catalog, num_ranks,
                            year_tolerance=year_tolerance)
-    if kind == "sequence":
-        return torch.tensor([sequence_dcg(r) for r in rel.tolist()], dtype=torch.float32)
-    return torch.tensor([rank_rewards(r, kind, gamma) for r in rel.tolist()],
-                        dtype=torch.float32).reshape(rel.shape)
+    return rewards_from_relevance(rel, kind, gamma)

@@ -34,7 +34,7 @@ from .alignment import aligned_segment_ids
 from .config import GRPOConfig
 from .metrics import aggregate_diagnostics, list_diagnostics
 from .model import call_through_wrapper, gathered_lm_head, last_hidden_states, lm_head_params
-from .rewards import rank_rewards, relevance_matrix, sequence_dcg
+from .rewards import relevance_matrix, rewards_from_relevance, sequence_dcg
 from .rollout import RolloutOutput
 from .shaping import LengthShaping, eos_mask_from_ids, length_shaping, token_advantages
 
@@ -68,12 +68,7 @@ def score_rollout(rollout: RolloutOutput, records: Sequence[Mapping[str, Any]], 
         num_items = None
     rel = relevance_matrix(generations, records, catalog, num_ranks,
                            year_tolerance=year_tolerance)
-    if cfg.reward_kind == "sequence_dcg":
-        rewards = torch.tensor([sequence_dcg(r) for r in rel.tolist()], dtype=torch.float32)
-    else:
-        rewards = torch.tensor([rank_rewards(r, cfg.reward_kind, cfg.reward_gamma)
-                                for r in rel.tolist()], dtype=torch.float32)
-        rewards = rewards.reshape(rel.shape)
+    rewards = rewards_from_relevance(rel, cfg.reward_kind, cfg.reward_gamma)
     diags = [list_diagnostics(t, rec["seen_titles"], catalog, num_ranks)
              for t, rec in zip(rollout.texts, records)]
     return Scored(rel, rewards, seg, num_items, diags)
@@ -406,17 +401,18 @@ def rollout_metrics(scored: Scored, rollout: RolloutOutput, all_rewards: torch.T
         out["reward"] = float(r.mean())
         out["reward_std"] = float(r.std()) if r.numel() > 1 else 0.0
         grouped = r.reshape(-1, g)
-    spread = grouped.amax(1) - grouped.amin(1)
-    out["frac_reward_zero_std"] = float((spread == 0).float().mean())
+    # zero spread over a group: [prompts, ranks] cells (rank rewards) or [prompts]
+    flat = (grouped.amax(1) == grouped.amin(1)).reshape(grouped.shape[0], -1)
+    out["frac_reward_zero_std"] = float(flat.all(1).float().mean())
+    out["frac_reward_zero_std_cells"] = float(flat.float().mean())
     for k in range(rel.shape[1]):
         out[f"relevance/rank_{k + 1}"] = float(rel[:, k].mean())
-    discounts = 1.0 / torch.log2(torch.arange(rel.shape[1], dtype=torch.float32) + 2)
-    dcg = (rel * discounts).sum(1)
-    ideal = torch.cumsum(discounts, 0)
-    idcg = ideal[(n_gt.clamp(min=1, max=rel.shape[1]) - 1).long()]
+    dcg = [sequence_dcg(row) for row in rel.tolist()]
+    idcg = [sequence_dcg([1] * min(int(n), rel.shape[1])) for n in n_gt.tolist()]
     out["rollout/hits"] = float(rel.sum(1).mean())
-    out["rollout/dcg"] = float(dcg.mean())
-    out[f"rollout/ndcg@{rel.shape[1]}"] = float(torch.where(n_gt > 0, dcg / idcg, 0.0).mean())
+    out["rollout/dcg"] = sum(dcg) / len(dcg)
+    out[f"rollout/ndcg@{rel.shape[1]}"] = sum(d / i if i > 0 else 0.0
+                                              for d, i in zip(dcg, idcg)) / len(dcg)
     out["completions/mean_length"] = float(lengths.mean())
     out["completions/min_length"] = float(lengths.min())
     out["completions/max_length"] = float(lengths.max())

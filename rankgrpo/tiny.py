@@ -13,7 +13,6 @@ tied embeddings. Nothing is downloaded.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable
 
@@ -32,11 +31,6 @@ CHAT_TEMPLATE = (
 # A piece is an optional single space plus a word, a single punctuation mark, or a run of
 # whitespace other than a newline (newlines are their own added token).
 _PIECE = r" ?[A-Za-z0-9_']+| ?[^\sA-Za-z0-9_']|[^\S\n]+"
-
-
-def split_pieces(text: str) -> list[str]:
-    """The pre-tokenizer's pieces of a text (newlines removed: they are added tokens)."""
-    return [p for part in text.split("\n") for p in re.findall(_PIECE, part)]
 
 
 def build_tokenizer(items: Iterable[str], texts: Iterable[str] = (), words: Iterable[str] = (),

@@ -77,7 +77,8 @@ def test_types_and_ranges(tmp_path):
     bad = {"grpo.learning_rate=abc": "a number", "grpo.loss_type=foo": "one of",
            "grpo.num_generations=1": ">= 2", "grpo.max_steps=2.5": "an integer",
            "grpo.top_p=1.5": r"\(0, 1\]", "grpo.bf16=maybe": "true or false",
-           "grpo.reward_kind=exp_gamma": "reward_gamma", "grpo.use_vllm=true": "vLLM",
+           "grpo.reward_kind=exp_gamma": "reward_gamma",
+           "grpo.use_vllm=true": "unknown config key",  # removed: a rollout is a `Rollout`
            "eval.ks=[]": "non-empty", "model.dtype=int8": "one of"}
     for item, msg in bad.items():
         key = item.split("=")[0]

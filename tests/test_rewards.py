@@ -9,7 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rankgrpo.catalog import Catalog
+from rankgrpo.config import GRPOConfig, validate_section
 from rankgrpo.rewards import (
+    RANK_REWARD_KINDS,
+    REWARD_KINDS,
     LengthShaping,
     eos_mask_from_ids,
     length_shaping,
@@ -17,6 +20,7 @@ from rankgrpo.rewards import (
     rank_rewards,
     relevance_matrix,
     reward_matrix,
+    rewards_from_relevance,
     sequence_dcg,
     token_advantages,
 )
@@ -163,7 +167,31 @@ def test_matrices():
     assert rel.tolist() == [[1, 0, 1, 1], [0, 1, 0, 0]]
     assert reward_matrix(gens, records, CATALOG, 4, "log").tolist()[1] == pytest.approx(
         [1 / math.log2(3)] * 2 + [0, 0])
-    assert reward_matrix(gens, records, CATALOG, 4, "sequence").shape == (2,)
+    assert reward_matrix(gens, records, CATALOG, 4, "sequence_dcg").shape == (2,)
+
+
+@pytest.mark.parametrize("kind", REWARD_KINDS)
+def test_rewards_from_relevance_every_kind(kind, rng):
+    """The batch path equals the per-list functions for every kind the config accepts."""
+    rel = torch.randint(0, 2, (5, 6), generator=rng).float()
+    gamma = 1.5 if kind == "exp_gamma" else None
+    got = rewards_from_relevance(rel, kind, gamma)
+    assert got.dtype == torch.float32
+    if kind in RANK_REWARD_KINDS:
+        want = [rank_rewards(r, kind, gamma) for r in rel.tolist()]
+    else:
+        want = [sequence_dcg(r) for r in rel.tolist()]
+    assert torch.equal(got, torch.tensor(want, dtype=torch.float32))
+    validate_section("grpo", GRPOConfig(reward_kind=kind, reward_gamma=gamma))  # accepted
+
+
+def test_one_name_per_reward_kind():
+    assert set(RANK_REWARD_KINDS) < set(REWARD_KINDS)
+    rel = torch.ones(1, 3)
+    with pytest.raises(ValueError, match="sequence_dcg"):  # the old alias is gone
+        rewards_from_relevance(rel, "sequence")
+    with pytest.raises(ValueError, match="one reward per completion"):
+        rank_rewards([1, 0], "sequence_dcg")
 
 
 # ------------------------------------------------------------------ length shaping
