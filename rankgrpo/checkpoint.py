@@ -9,7 +9,10 @@ A checkpoint folder `checkpoint-{step}` holds
     trainer_state.json              step, data position, anything JSON the loop adds
 It is written to a temporary folder in the same directory and moved into place with
 `os.replace`; `latest` (also replaced atomically) names the newest complete checkpoint.
-A crash while saving leaves the previous checkpoint intact.
+A crash while saving leaves the previous checkpoint intact; a checkpoint damaged later
+(a truncated or corrupt file) is detected by `check_checkpoint`, and `--resume` falls back
+to the newest intact one. `prepare_output_dir` refuses to start a fresh run in the folder of
+an old one (unless told to overwrite it).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +100,150 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def resolve_resume(resume: str | bool | None, output_dir: str | os.PathLike) -> Path | None:
-    """--resume forms: None/False (fresh run), True/"auto"/"latest" (newest in output_dir;
-    fresh if none), or a checkpoint folder."""
+def check_checkpoint(path: str | os.PathLike) -> str | None:
+    """None when checkpoint folder `path` is intact, else what is wrong, naming the file.
+
+    Reads trainer_state.json; checks each .safetensors header against the file's size (a
+    truncated file fails) and each .pt archive's CRCs (a truncated or altered one fails),
+    without building any tensor.
+    """
+    p = Path(path)
+    f = p / "trainer_state.json"
+    try:
+        state = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or "step" not in state:
+            return f"{f}: no 'step' in it"
+    except (OSError, ValueError) as e:
+        return f"{f}: {type(e).__name__}: {e}"
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        return f"{p}: no .safetensors weights"
+    for f in weights:
+        problem = _check_safetensors(f)
+        if problem:
+            return f"{f}: {problem}"
+    for f in sorted(p.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f"{f}: CRC mismatch in {bad}"
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+            return f"{f}: {type(e).__name__}: {e}"
+    return None
+
+
+def _check_safetensors(f: Path) -> str | None:
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                return "truncated header"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        return f"unreadable header ({e})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+              default=0)
+    if 8 + n + end != size:
+        return f"truncated or padded: {size} bytes, the header describes {8 + n + end}"
+    return None
+
+
+def resolve_resume(resume: str | bool | None, output_dir: str | os.PathLike,
+                   log=None) -> Path | None:
+    """--resume forms: None/False (fresh run), True/"auto"/"latest" (the newest intact
+    checkpoint in output_dir; fresh if none), or a checkpoint folder (which must be intact).
+
+    A damaged checkpoint is reported in one line naming the file (to `log`, default stderr,
+    main process only) and skipped in favour of the next newest.
+    """
     if resume in (None, False, "", "false", "no"):
         return None
     if resume in (True, "auto", "latest", "true", "yes"):
-        return latest_checkpoint(output_dir)
+        say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        newest = latest_checkpoint(output_dir)
+        candidates = list_checkpoints(output_dir)
+        if newest is not None and newest not in candidates:
+            candidates.append(newest)
+        candidates.sort(key=lambda c: int(_CKPT.match(c.name).group(1)), reverse=True)
+        skipped = []
+        for c in candidates:
+            problem = check_checkpoint(c)
+            if problem is None:
+                if skipped and _is_main_env():
+                    say(f"[rankgrpo] resuming from {c.name} instead (newest intact checkpoint)")
+                return c
+            skipped.append(c)
+            if _is_main_env():
+                say(f"[rankgrpo] checkpoint damaged, skipped: {problem}")
+        if skipped:
+            raise FileNotFoundError(f"--resume: no intact checkpoint in {output_dir} (all "
+                                    f"{len(skipped)} are damaged)")
+        return None
     p = Path(str(resume))
     if not (p / "trainer_state.json").exists():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no "
                                 "trainer_state.json)")
+    problem = check_checkpoint(p)
+    if problem is not None:
+        raise FileNotFoundError(f"--resume {resume}: checkpoint damaged: {problem}")
     return p
+
+
+def _is_main_env() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+# names a fresh run writes into its output_dir; --overwrite removes exactly these
+RUN_FILES = ("latest", "metrics.jsonl", "final", "tensorboard")
+
+
+def run_entries(output_dir: str | os.PathLike) -> list[Path]:
+    """The entries of an old run in output_dir: checkpoints (also unfinished ones), `latest`,
+    metrics.jsonl, final/, tensorboard/."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.name in RUN_FILES or _CKPT.match(p.name)
+                  or p.name.startswith(".tmp-checkpoint-"))
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, *, resume: bool, overwrite: bool,
+                       log=None) -> None:
+    """Refuse a fresh run in a non-empty output_dir (it would mix with, then destroy, the
+    old run: rotation deletes the new checkpoints, `latest` dangles, metrics.jsonl is
+    wiped) unless `resume` (continue it) or `overwrite` (delete the old run's checkpoints,
+    latest, metrics.jsonl, final/ and tensorboard/ first, saying so). Raises
+    FileExistsError / NotADirectoryError / PermissionError with a one-line message."""
+    d = Path(output_dir)
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"output_dir {str(d)!r} is a file, not a folder")
+    if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+        raise PermissionError(f"output_dir {str(d)!r} is not writable")
+    if not d.exists():
+        parent = next((q for q in d.parents if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise NotADirectoryError(f"output_dir {str(d)!r}: {str(parent)!r} is a file")
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"output_dir {str(d)!r} cannot be created: {str(parent)!r} "
+                                  "is not writable")
+        return
+    if resume or not any(d.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"output_dir {str(d)!r} is not empty (an earlier run?): pass "
+                              "--resume to continue it, --overwrite to replace it, or choose "
+                              "another output_dir")
+    old = run_entries(d)
+    for p in old:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    if old:
+        (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
+            f"[rankgrpo] --overwrite: removed {', '.join(p.name for p in old)} from {d}")
 
 
 def rotate(output_dir: str | os.PathLike, keep: int | None) -> None:
@@ -227,29 +364,38 @@ def load_checkpoint(path: str | os.PathLike, *, optimizer=None, scheduler=None,
 # ----------------------------------------------------------------------------- Ctrl-C
 
 class GracefulInterrupt:
-    """While active, the first Ctrl-C (SIGINT) only sets `requested`: the loop finishes the
-    step in progress, saves a checkpoint and stops. A second Ctrl-C interrupts at once.
-    Only the main thread can install signal handlers; elsewhere this is inert."""
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM only sets `requested` (and
+    `signum`): the loop finishes the step in progress, saves a checkpoint and stops. A second
+    one interrupts at once. Only the main thread can install signal handlers; elsewhere this
+    is inert."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame):
         if self.requested:
-            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            self._restore()
             raise KeyboardInterrupt
-        self.requested = True
-        print("\n[rankgrpo] Ctrl-C: finishing this step, saving a checkpoint, then stopping "
-              "(press again to stop at once)", flush=True)
+        self.requested, self.signum = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n[rankgrpo] {name}: finishing this step, saving a checkpoint, then stopping "
+              "(send it again to stop at once)", flush=True)
+
+    def _restore(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        self._restore()
         return False

@@ -106,6 +106,7 @@ class _Loop:
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     disable_tqdm: bool = False
     skip_nonfinite_steps: int = 0  # steps a run may skip for a NaN/inf loss or gradient
+    skip_nonfinite_steps: int = 0  # steps a run may skip for a NaN/inf loss or gradient
 
 
 @dataclass
@@ -174,6 +175,7 @@ class EvalConfig:
     output_file: str | None = None  # write per-record generations and metrics (JSONL)
     long_prompts: str = "skip"
     disable_tqdm: bool = False  # `rankgrpo eval`'s progress bar
+    disable_tqdm: bool = False  # `rankgrpo eval`'s progress bar
 
 
 @dataclass
@@ -235,6 +237,12 @@ def validate_section(name: str, cfg: Any) -> None:
             if isinstance(x, float) and not math.isfinite(x):
                 _fail(k(f.name) + (f"[{i}]" if isinstance(v, list) else ""), x,
                       "a finite number")
+    for f in dataclasses.fields(cfg):  # inf or NaN anywhere would train into NaN weights
+        v = getattr(cfg, f.name)
+        for i, x in enumerate(v if isinstance(v, list) else [v]):
+            if isinstance(x, float) and not math.isfinite(x):
+                _fail(k(f.name) + (f"[{i}]" if isinstance(v, list) else ""), x,
+                      "a finite number")
     if isinstance(cfg, ModelConfig):
         _choice(k("dtype"), cfg.dtype, DTYPES)
         return
@@ -274,6 +282,7 @@ def validate_section(name: str, cfg: Any) -> None:
     _choice(k("lr_scheduler_type"), cfg.lr_scheduler_type, SCHEDULERS)
     _choice(k("kernel_backend"), cfg.kernel_backend, BACKENDS)
     _positive(k("lr_gamma"), cfg.lr_gamma)
+    _positive(k("skip_nonfinite_steps"), cfg.skip_nonfinite_steps, allow_zero=True)
     _positive(k("skip_nonfinite_steps"), cfg.skip_nonfinite_steps, allow_zero=True)
     if sorted(cfg.lr_milestones) != list(cfg.lr_milestones) or any(
             m < 1 for m in cfg.lr_milestones):

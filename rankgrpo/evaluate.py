@@ -21,31 +21,42 @@ from .rollout import HFRollout
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, batch_size: int,
-                    max_new_tokens: int, eos_ids: Sequence[int] | None = None) -> list[str]:
-    """Greedy texts for each prompt (prompts sorted by length internally for less padding)."""
+                    max_new_tokens: int, eos_ids: Sequence[int] | None = None,
+                    progress: bool = False) -> list[str]:
+    """Greedy texts for each prompt (prompts sorted by length internally for less padding);
+    `progress` shows a tqdm bar over the prompts."""
     eos = list(eos_ids) if eos_ids is not None else generation_eos_ids(model, tokenizer)
     engine = HFRollout(model, tokenizer, eos, batch_size=None)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     texts: list[str] = [""] * len(prompt_ids)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(order), desc="eval", unit="prompt", dynamic_ncols=True)
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         out = engine.generate([prompt_ids[i] for i in chunk], max_new_tokens=max_new_tokens,
                               greedy=True)
         for i, t in zip(chunk, out.texts):
             texts[i] = t
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     return texts
 
 
 def evaluate(model, tokenizer, records: Sequence[Mapping[str, Any]], catalog, *,
              config: EvalConfig | None = None, num_ranks: int = 20, accelerator=None,
-             return_generations: bool = False):
+             return_generations: bool = False, progress: bool = False):
     """Recall@K / NDCG@K (and list diagnostics) of greedy generations on `records`.
 
     Every unique prompt is generated once; records sharing a prompt share its generation.
     Under several processes each takes a share of the unique prompts and the texts are
     gathered, so every process returns the same metrics. Prompts longer than
     config.max_prompt_length are skipped (counted in `num_skipped_long_prompt`) unless
-    config.long_prompts is "error".
+    config.long_prompts is "error". `progress`: a progress bar (main process only).
 
     Returns: dict of floats (keys `recall@5`, `ndcg@5`, ..., see `metrics.evaluate`), and the
     per-record generations when return_generations is set.
@@ -63,7 +74,8 @@ def evaluate(model, tokenizer, records: Sequence[Mapping[str, Any]], catalog, *,
     world = accelerator.num_processes if accelerator is not None else 1
     mine = list(range(rank, len(prompts), world))
     texts_mine = generate_greedy(inner, tokenizer, [prompts[i] for i in mine],
-                                 batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+                                 batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                                 progress=progress and rank == 0)
     if world > 1:
         from accelerate.utils import gather_object
 

@@ -134,15 +134,20 @@ def groundtruth_pairs(record: Mapping[str, Any]) -> list[tuple[str, int]]:
 def read_jsonl(path: str | os.PathLike, *, validate: bool = True) -> list[dict[str, Any]]:
     """Read records from a JSONL file (`.gz` ok), validating each unless told not to."""
     records = []
+    n = 0
     with open_text(path) as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise RecordError(len(records), None,
-                                  f"line {n} is not valid JSON ({e.msg})", str(path)) from None
+        try:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise RecordError(len(records), None, f"line {n} is not valid JSON "
+                                      f"({e.msg})", str(path)) from None
+        except UnicodeDecodeError as e:
+            raise RecordError(len(records), None, f"line {n + 1} is not UTF-8 text ({e.reason} "
+                              f"at byte {e.start} of a read block)", str(path)) from None
     if validate:
         validate_records(records, str(path))
     return records

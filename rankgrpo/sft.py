@@ -19,7 +19,7 @@ import torch
 
 from rankgrpo_kernels import linear_logprobs
 
-from .checkpoint import load_weights, resolve_resume, save_checkpoint
+from .checkpoint import load_weights, resolve_resume
 from .config import EvalConfig, SFTConfig, validate_section
 from .encoding import SFTExample, encode_prompts, encode_sft
 from .model import (
@@ -32,9 +32,12 @@ from .model import (
 from .optim import make_optimizer, make_scheduler
 from .run_log import RunLogger, peak_memory_gib
 from .runtime import (
+    TrainerState,
     TrainResult,
     make_accelerator,
+    make_saver,
     optimizer_step,
+    preflight_resume,
     resume_or_seed,
     steps_for,
     train_loop,
@@ -82,7 +85,7 @@ def sft_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]],
               eval_config: EvalConfig | None = None, accelerator=None,
               resume: str | bool | None = None,
               callbacks: Sequence[Callable[[dict], None]] = (),
-              save_final: bool = True) -> TrainResult:
+              save_final: bool = True, allow_config_change: bool = False) -> TrainResult:
     """Fine-tune `model` to produce each record's `completion` (then EOS) after its prompt.
 
     Arguments mirror `rankgrpo.train.grpo_train`; `catalog` is needed only for the held-out
@@ -104,6 +107,7 @@ def sft_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]],
     total_steps = steps_for(len(examples), per_step, cfg)
     out_dir = Path(cfg.output_dir)
     ckpt = resolve_resume(resume, out_dir)
+    resumed_step = preflight_resume(ckpt, cfg, allow_config_change)
     if ckpt is not None:
         load_weights(model, ckpt)
     model.train()
@@ -113,19 +117,18 @@ def sft_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]],
     inner = acc.unwrap_model(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
-    sampler = EpochSampler(len(examples), cfg.seed)
-    state, _ = resume_or_seed(ckpt, cfg, optimizer, scheduler, sampler, acc)
-    step, tokens_seen = int(state["step"]), int(state.get("num_tokens", 0))
+    state = TrainerState("sft", EpochSampler(len(examples), cfg.seed), dict(vars(cfg)))
     logger = RunLogger(out_dir, report_to=cfg.report_to, main=acc.is_main_process,
-                       total_steps=total_steps, initial_step=step,
+                       total_steps=total_steps, initial_step=resumed_step,
                        disable_tqdm=cfg.disable_tqdm, desc="sft", postfix_keys=PROGRESS)
+    resume_or_seed(ckpt, cfg, optimizer, scheduler, state, acc, allow_config_change, logger)
+    sampler = state.sampler
     if skipped:
         logger.write(f"skipped {len(skipped)} SFT records longer than max_length="
                      f"{cfg.max_length}")
 
     def train_step(step: int) -> dict:
         """Optimizer step number `step` on the sampler's next batch; returns its metrics."""
-        nonlocal tokens_seen
         t0 = time.perf_counter()
         idx = sampler.take(per_step)[rank * per_process:(rank + 1) * per_process]
         mbs = [collate([examples[i] for i in idx[s:s + cfg.per_device_train_batch_size]],
@@ -143,28 +146,27 @@ def sft_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]],
                 acc.backward(loss * world)
             loss_sum += loss.detach().double().cpu()
         t1 = time.perf_counter()
-        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg, acc)
+        skipped_before = state.skipped_steps
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg, acc, step=step,
+                                       loss=float(loss_sum), state=state)
         t2 = time.perf_counter()
         n_tok = float(sum(m[1].sum() for m in mbs))
         if world > 1:
             packed = acc.reduce(torch.tensor([float(loss_sum), n_tok], device=acc.device),
                                 reduction="sum").cpu()
             loss_sum, n_tok = packed[0], float(packed[1])
-        tokens_seen += int(n_tok)
+        state.num_tokens += int(n_tok)
         return {"step": step, "epoch": sampler.progress, "loss": float(loss_sum),
                 "learning_rate": lr, "grad_norm": grad_norm,
-                "num_loss_tokens": float(count), "num_tokens": tokens_seen,
+                "num_loss_tokens": float(count), "num_tokens": state.num_tokens,
+                "nonfinite_skipped": float(state.skipped_steps - skipped_before),
                 "tokens_per_second": n_tok / max(t2 - t0, 1e-9),
                 "time/loss": t1 - t0, "time/optimizer": t2 - t1, **peak_memory_gib()}
 
-    def save(step: int) -> Path:
-        state = {"sampler": sampler.state_dict(), "num_tokens": tokens_seen, "stage": "sft",
-                 "config": dict(vars(cfg))}
-        return save_checkpoint(out_dir, step, model=model, optimizer=optimizer,
-                               scheduler=scheduler, state=state, tokenizer=tokenizer,
-                               accelerator=acc, save_total_limit=cfg.save_total_limit)
-
-    return train_loop(model, tokenizer, cfg, acc, logger, train_step, save, step=step,
+    save = make_saver(state, out_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                      tokenizer=tokenizer, accelerator=acc,
+                      save_total_limit=cfg.save_total_limit)
+    return train_loop(model, tokenizer, cfg, acc, logger, train_step, save, state=state,
                       total_steps=total_steps, checkpoint=ckpt, eval_records=eval_records,
                       catalog=catalog, eval_config=ecfg, num_ranks=num_ranks,
                       callbacks=callbacks, save_final=save_final)

@@ -6,7 +6,8 @@ Read top to bottom, one optimizer step is:
     -> accumulate_gradients (fused loss on hidden states + LM head, per micro-batch)
     -> clip, AdamW, scheduler                                  (all of it: train_step below)
     -> log, evaluate, checkpoint, Ctrl-C             (runtime.train_loop, shared with SFT)
-With num_iterations > 1 a rollout batch serves that many optimizer steps.
+With num_iterations > 1 a rollout batch serves that many optimizer steps. Everything a
+checkpoint needs besides weights, optimizer, scheduler and RNG is in one `RLTrainerState`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_weights, resolve_resume, rng_state, save_checkpoint
+from .checkpoint import load_weights, resolve_resume
 from .config import ConfigError, EvalConfig, GRPOConfig, validate_section
 from .encoding import encode_prompts
 from .model import frozen_copy, generation_eos_ids, lm_head_params
@@ -36,9 +37,13 @@ from .rl_step import (
 from .rollout import HFRollout, Rollout
 from .run_log import RunLogger, peak_memory_gib
 from .runtime import (
+    NonFiniteError,
+    TrainerState,
     TrainResult,
     make_accelerator,
+    make_saver,
     optimizer_step,
+    preflight_resume,
     resume_or_seed,
     steps_for,
     train_loop,
@@ -47,7 +52,7 @@ from .sampler import EpochSampler
 from .tokens import newline_counts
 
 PROGRESS = {"reward": "reward", "ndcg": "rollout/ndcg@20", "tok/s": "tokens_per_second"}
-STOP_MESSAGE = ("stopped by Ctrl-C after step {step}; resume with --resume "
+STOP_MESSAGE = ("stopped by {signal} after step {step}; resume with --resume "
                 "(checkpoint {checkpoint})")
 
 
@@ -60,6 +65,36 @@ class _Round:
     iteration: int = 0
 
 
+@dataclass
+class RLTrainerState(TrainerState):
+    """`TrainerState` plus the rollout round being iterated on (num_iterations > 1): its
+    metrics and iteration go to trainer_state.json, its batch to extra_rank{r}.pt."""
+
+    pending: _Round | None = None
+    num_iterations: int = 1
+
+    def _open_round(self) -> _Round | None:
+        p = self.pending
+        return p if p is not None and p.iteration < self.num_iterations else None
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        if (p := self._open_round()) is not None:
+            out["pending_metrics"], out["pending_iteration"] = p.metrics, p.iteration
+        return out
+
+    def extra_state(self) -> dict | None:
+        p = self._open_round()
+        return None if p is None else {"batch": p.batch.state_dict()}
+
+    def load_state_dict(self, state: dict, extra: dict | None = None, device=None) -> None:
+        super().load_state_dict(state, extra, device)
+        self.pending = None
+        if extra is not None and "batch" in extra:
+            self.pending = _Round(RLBatch.from_state_dict(extra["batch"], device),
+                                  state["pending_metrics"], int(state["pending_iteration"]))
+
+
 def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], catalog,
                config: GRPOConfig, *, num_ranks: int = 20, year_tolerance: int = 2,
                eval_records: Sequence[Mapping[str, Any]] | None = None,
@@ -67,7 +102,7 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
                rollout: Rollout | None = None, accelerator=None,
                resume: str | bool | None = None,
                callbacks: Sequence[Callable[[dict], None]] = (),
-               save_final: bool = True) -> TrainResult:
+               save_final: bool = True, allow_config_change: bool = False) -> TrainResult:
     """Train `model` with Rank-GRPO on `train_records` (SPEC section 12 records).
 
     Args:
@@ -86,8 +121,12 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
         callbacks: called with every step's metrics dict ({"event": "step", ...}) and every
             evaluation ({"event": "eval", ...}).
         save_final: save the trained model to `<output_dir>/final` (HF format).
+        allow_config_change: resume although `config` differs from the checkpoint's in keys
+            that break an exact resume (they are applied; see runtime.check_resume_config).
     Everything that can be checked without compute is checked first: config values, batch
-    divisibility, an empty dataset, prompts over max_prompt_length.
+    divisibility, an empty dataset, prompts over max_prompt_length, the resume config.
+    A non-finite loss or gradient norm raises `runtime.NonFiniteError` naming the step
+    (or skips the step, up to config.skip_nonfinite_steps times).
     """
     cfg = config
     validate_section("grpo", cfg)
@@ -110,6 +149,7 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
     total_steps = steps_for(len(enc), prompts_per_step, cfg, cfg.num_iterations)
     out_dir = Path(cfg.output_dir)
     ckpt = resolve_resume(resume, out_dir)
+    resumed_step = preflight_resume(ckpt, cfg, allow_config_change)
 
     # models
     if cfg.beta > 0 and ref_model is None:
@@ -130,17 +170,15 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
         inner, tokenizer, eos_ids, batch_size=cfg.generation_batch_size)
 
     # state
-    sampler = EpochSampler(len(enc), cfg.seed)
-    state, extra = resume_or_seed(ckpt, cfg, optimizer, scheduler, sampler, acc)
-    step, tokens_seen, pending = int(state["step"]), int(state.get("num_tokens", 0)), None
-    if extra is not None and "batch" in extra:
-        pending = _Round(RLBatch.from_state_dict(extra["batch"], acc.device),
-                         state["pending_metrics"], int(state["pending_iteration"]))
+    state = RLTrainerState("grpo", EpochSampler(len(enc), cfg.seed), dict(vars(cfg)),
+                           num_iterations=cfg.num_iterations)
     logger = RunLogger(out_dir, report_to=cfg.report_to, main=acc.is_main_process,
-                       total_steps=total_steps, initial_step=step,
+                       total_steps=total_steps, initial_step=resumed_step,
                        disable_tqdm=cfg.disable_tqdm, desc="rank-grpo", postfix_keys=PROGRESS)
+    resume_or_seed(ckpt, cfg, optimizer, scheduler, state, acc, allow_config_change, logger)
+    sampler = state.sampler
     if ckpt is not None:
-        logger.write(f"resumed from {ckpt} at step {step}/{total_steps}")
+        logger.write(f"resumed from {ckpt} at step {state.step}/{total_steps}")
 
     def new_round() -> _Round:
         t0 = time.perf_counter()
@@ -171,57 +209,50 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
     def train_step(step: int) -> dict:
         """Optimizer step number `step` (a new rollout round when the last one has served
         num_iterations steps); returns its metrics."""
-        nonlocal pending, tokens_seen
-        snapshot = (rng_state(), sampler.state_dict(), pending)
+        snapshot = state.snapshot()
         stepped = False
+        skipped_before = state.skipped_steps
         try:
             t0 = time.perf_counter()
             timings = {}
-            if pending is None or pending.iteration >= cfg.num_iterations:
-                pending = new_round()
-                timings = {k: v for k, v in pending.metrics.items() if k.startswith("time/")}
+            if state.pending is None or state.pending.iteration >= cfg.num_iterations:
+                state.pending = new_round()
+                timings = {k: v for k, v in state.pending.metrics.items()
+                           if k.startswith("time/")}
             t1 = time.perf_counter()
-            loss_metrics = accumulate_gradients(model, pending.batch, cfg, num_ranks,
+            loss_metrics = accumulate_gradients(model, state.pending.batch, cfg, num_ranks,
                                                 accelerator=acc)
             t2 = time.perf_counter()
             stepped = True
-            grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg, acc)
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg, acc, step=step,
+                                           loss=float(loss_metrics.get("loss", 0.0)),
+                                           state=state)
             t3 = time.perf_counter()
+        except NonFiniteError:
+            raise  # nothing was applied: the last checkpoint is the last good state
         except Exception:
             if not stepped and world == 1 and step > 1:
                 _emergency_save(save, step, snapshot, logger)
             raise
-        pending.iteration += 1
-        b = pending.batch
+        state.pending.iteration += 1
+        b = state.pending.batch
         step_tokens = float(b.attention_mask.sum())
         if world > 1:
             step_tokens = float(acc.reduce(torch.tensor([step_tokens], device=acc.device),
                                            reduction="sum").item())
-        tokens_seen += int(step_tokens)
+        state.num_tokens += int(step_tokens)
         return {"step": step, "epoch": sampler.progress, "learning_rate": lr,
                 "grad_norm": grad_norm, **loss_metrics,
-                **{k: v for k, v in pending.metrics.items() if not k.startswith("time/")},
+                **{k: v for k, v in state.pending.metrics.items() if not k.startswith("time/")},
                 **timings, "time/loss": t2 - t1, "time/optimizer": t3 - t2,
-                "time/step": t3 - t0, "num_tokens": tokens_seen,
+                "time/step": t3 - t0, "num_tokens": state.num_tokens,
+                "nonfinite_skipped": float(state.skipped_steps - skipped_before),
                 "tokens_per_second": step_tokens / max(t3 - t0, 1e-9), **peak_memory_gib()}
 
-    def save(step: int, snapshot: tuple | None = None) -> Path:
-        """checkpoint-{step} of the state now, or of a step's start: snapshot = (RNG state,
-        sampler state, rollout round) taken then. A round with iterations left is saved."""
-        rng, sampler_state, round_ = snapshot or (None, sampler.state_dict(), pending)
-        state = {"sampler": sampler_state, "num_tokens": tokens_seen, "stage": "grpo",
-                 "config": dict(vars(cfg))}
-        extra = None
-        if round_ is not None and round_.iteration < cfg.num_iterations:
-            state["pending_metrics"] = round_.metrics
-            state["pending_iteration"] = round_.iteration
-            extra = {"batch": round_.batch.state_dict()}
-        return save_checkpoint(out_dir, step, model=model, optimizer=optimizer,
-                               scheduler=scheduler, state=state, extra=extra,
-                               tokenizer=tokenizer, accelerator=acc,
-                               save_total_limit=cfg.save_total_limit, rng=rng)
-
-    return train_loop(model, tokenizer, cfg, acc, logger, train_step, save, step=step,
+    save = make_saver(state, out_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                      tokenizer=tokenizer, accelerator=acc,
+                      save_total_limit=cfg.save_total_limit)
+    return train_loop(model, tokenizer, cfg, acc, logger, train_step, save, state=state,
                       total_steps=total_steps, checkpoint=ckpt, eval_records=eval_records,
                       catalog=catalog, eval_config=ecfg, num_ranks=num_ranks,
                       callbacks=callbacks, save_final=save_final, stop_message=STOP_MESSAGE)
@@ -229,7 +260,8 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
 
 def _emergency_save(save, step, snapshot, logger) -> None:
     """After an error in step `step` before its optimizer update: the weights are those of
-    step - 1, so save them with the RNG, data position and rollout from this step's start."""
+    step - 1, so save them with the trainer state and RNG of this step's start
+    (`TrainerState.snapshot`)."""
     try:
         path = save(step - 1, snapshot)
         logger.write(f"error during step {step}: saved {path} (resume with --resume)")
