@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     p.add_argument("--cce-cpu", action="store_true", help="include Cut Cross-Entropy on CPU "
                    "(its torch_compile fallback; ~25 s compile)")
+    p.add_argument("--compile-cpu", action="store_true", help="include the torch.compile'd "
+                   "chunked loss on CPU (inductor's C++ compile takes tens of seconds)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-table", action="store_true", help="do not print the short table at "
                    "the end (gpu_check.sh prints it itself)")
@@ -63,9 +65,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         cell_budget_s=a.cell_budget_s, max_reps=a.max_reps, device=a.device, dtype=a.dtype,
         threads=a.threads)
     out = a.out or Path(__file__).resolve().parent / "out" / suite.name
-    res = runner.run(suite, out, cce_cpu=a.cce_cpu, plots=not a.no_plots)
-    print(f"\nwrote {out}/results.json, table.md" + ("" if a.no_plots else
-                                                       ", time_vs_T.png, memory_vs_T.png"))
+    res = runner.run(suite, out, cce_cpu=a.cce_cpu, compile_cpu=a.compile_cpu,
+                     plots=not a.no_plots)
+    drawn = not a.no_plots and report.plots_unavailable() is None
+    print(f"\nwrote {out}/results.json, table.md" + (", time_vs_T.png, memory_vs_T.png"
+                                                       if drawn else " (no plots)"))
     print(f"suite {suite.name} took {res.get('elapsed_s')} s")
     if not a.no_table:
         print("\n" + report.short_table(res))

@@ -16,12 +16,21 @@ Contenders:
                             inside its forward, so its "backward" is nearly free)
     cce+seg                 Cut Cross-Entropy `linear_cross_entropy(reduction="none")`
                             (logp = -CE) followed by our segment stage in PyTorch
+    trl-chunked+seg         TRL's own chunked LM-head log-probs (`ChunkedLogProbFunction`, what
+                            `add_fused_lm_head` runs; cuBLAS tiles + a Triton fold on CUDA,
+                            torch ops elsewhere) followed by our segment stage in PyTorch
+    liger-triton-token      liger-kernel's newest GRPO entry point, `triton_grpo_loss`: a Triton
+                            loss over materialised bf16 logits (CUDA only)
+    compile-chunked+seg     a token-chunked log-prob written in PyTorch, each chunk under
+                            `torch.compile` and activation checkpointing (recomputed in the
+                            backward), followed by our segment stage in PyTorch
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 
 import torch
 
@@ -32,6 +41,24 @@ from .inputs import Inputs
 # Clip ranges per level: the paper's defaults (SPEC section 7). Every contender at a level
 # gets the same ones.
 EPSILONS = {"rank": (0.06, 0.08), "token": (0.2, 0.26), "sequence": (3e-4, 4e-4)}
+
+
+def loss_kwargs(level: str, inp: Inputs) -> dict:
+    """The keyword arguments every contender at `level` passes to our loss functions: the
+    bench's settings (bnpo, the level's clip range, no validation) and where each completion
+    ends (eos_mask, which per-rank advantages need to give the EOS token advantage 0)."""
+    lo, hi = EPSILONS[level]
+    kw = dict(validate=False, level=level, loss_type="bnpo", epsilon_low=lo, epsilon_high=hi)
+    if "eos_mask" in inspect.signature(rk.rank_grpo_loss).parameters:
+        kw["eos_mask"] = inp.eos_mask
+    return kw
+
+
+def segment_loss(logp: torch.Tensor, inp: Inputs) -> torch.Tensor:
+    """Our segment stage (torch backend) on per-token log-probs from a peer's phase 1."""
+    loss, _ = rk.rank_grpo_loss(logp, inp.old_logp, inp.adv_rank, inp.segment_ids, inp.mask,
+                                backend="torch", **loss_kwargs("rank", inp))
+    return loss
 
 
 def _module_missing(name: str) -> str | None:
@@ -80,11 +107,9 @@ class Ours(Contender):
         return None
 
     def loss(self, inp):
-        lo, hi = EPSILONS[self.level]
         loss, _ = rk.fused_linear_rank_grpo_loss(
             inp.hidden, inp.weight, inp.targets, inp.old_logp, self._adv(inp), inp.segment_ids,
-            inp.mask, backend=self.backend, validate=False, level=self.level,
-            loss_type="bnpo", epsilon_low=lo, epsilon_high=hi)
+            inp.mask, backend=self.backend, **loss_kwargs(self.level, inp))
         return loss
 
     def has_logp(self):
@@ -178,12 +203,7 @@ class CCE(Contender):
                                      impl=impl)
 
     def loss(self, inp):
-        lo, hi = EPSILONS["rank"]
-        loss, _ = rk.rank_grpo_loss(self._neg_ce(inp), inp.old_logp, inp.adv_rank,
-                                    inp.segment_ids, inp.mask, backend="torch", validate=False,
-                                    level="rank", loss_type="bnpo", epsilon_low=lo,
-                                    epsilon_high=hi)
-        return loss
+        return segment_loss(self._neg_ce(inp), inp)
 
     def has_logp(self):
         return True
@@ -193,7 +213,143 @@ class CCE(Contender):
             return self._neg_ce(inp)
 
 
-def make(name: str, *, cce_cpu: bool = False) -> Contender:
+class TRLChunked(Contender):
+    """TRL 1.16's fused LM-head path: `ChunkedLogProbFunction` on the masked positions (on
+    Triton devices, as `add_fused_lm_head` compacts them; every position elsewhere), scattered
+    back, then our segment stage."""
+
+    name = "trl-chunked+seg"
+    compiles = True  # its Triton fold kernels compile on the first call (CUDA)
+    note = ("trl ChunkedLogProbFunction (add_fused_lm_head's path, chunk_size 32768) then "
+            'rank_grpo_loss(backend="torch")')
+    CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
+
+    def skip_reason(self, device):
+        missing = _module_missing("trl")
+        if missing:
+            return missing
+        try:
+            importlib.import_module("trl.kernels.chunked_logprob")
+        except Exception as err:  # noqa: BLE001 - an older TRL has no such module
+            return f"trl.kernels.chunked_logprob not importable ({type(err).__name__}: {err})"
+        return None
+
+    def _logp(self, inp: Inputs) -> torch.Tensor:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
+
+        h = inp.hidden
+        b, length, hdim = h.shape
+        if _use_triton(h.device):
+            mask = inp.mask
+            lp = ChunkedLogProbFunction.apply(h[mask], inp.weight, None, inp.targets[mask],
+                                              1.0, self.CHUNK, None, 1.0, ())[0]
+            return lp.new_zeros(mask.shape).masked_scatter(mask, lp)
+        lp = ChunkedLogProbFunction.apply(h.reshape(-1, hdim), inp.weight, None,
+                                          inp.targets.reshape(-1), 1.0, self.CHUNK, None,
+                                          1.0, ())[0]
+        return lp.view(b, length).masked_fill(~inp.mask, 0)
+
+    def loss(self, inp):
+        return segment_loss(self._logp(inp), inp)
+
+    def has_logp(self):
+        return True
+
+    def logp(self, inp):
+        with torch.no_grad():
+            return self._logp(inp)
+
+
+class LigerTriton(Contender):
+    """liger-kernel's `triton_grpo_loss` (liger_kernel.transformers.grpo_loss): the GRPO loss
+    as one Triton kernel over logits the caller materialises ([B, L+1, V] in the model dtype,
+    the last position dropped, as a model's output is), token level."""
+
+    name = "liger-triton-token"
+    level = "token"
+    compiles = True
+    note = ('liger triton_grpo_loss(importance_sampling_level="token", loss_type="bnpo") on '
+            "materialised logits = hidden @ W^T")
+
+    def skip_reason(self, device):
+        missing = _module_missing("liger_kernel")
+        if missing:
+            return missing
+        if device.type != "cuda":
+            return "triton_grpo_loss is a Triton kernel: needs CUDA"
+        return None
+
+    def loss(self, inp):
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        lo, hi = EPSILONS["token"]
+        h = torch.cat([inp.hidden, inp.hidden[:, -1:]], dim=1)  # L+1 positions
+        logits = h @ inp.weight.t()
+        loss, _ = triton_grpo_loss(logits, inp.old_logp, None, inp.targets, inp.adv_row,
+                                   inp.mask_int, temperature=1.0, beta=0.0, eps_low=lo,
+                                   eps_high=hi, loss_type="bnpo",
+                                   importance_sampling_level="token", reduce=True)
+        return loss
+
+
+def _chunk_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log_softmax(h @ w^T)[y] of one token chunk, fp32 logits (what torch.compile fuses)."""
+    z = (h @ w.t()).float()
+    return z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
+
+
+class CompiledChunked(Contender):
+    """The loss a practitioner writes with PyTorch alone: tokens in chunks whose fp32 logits
+    stay under 256 MiB, each chunk's log-prob function under `torch.compile` and activation
+    checkpointing (logits recomputed in the backward, never all alive), then our segment
+    stage."""
+
+    name = "compile-chunked+seg"
+    compiles = True
+    CHUNK_BYTES = 256 * 2**20
+
+    def __init__(self, allow_cpu: bool = False):
+        self.allow_cpu = allow_cpu
+        self._fn = None
+        self.note = ("torch.compile(chunk log_softmax) + checkpoint per token chunk, then "
+                     'rank_grpo_loss(backend="torch")')
+
+    def skip_reason(self, device):
+        if device.type != "cuda" and not self.allow_cpu:
+            return ("torch.compile takes tens of seconds to compile on CPU (the inductor C++ "
+                    "backend; over the smoke suite's few seconds): --compile-cpu to include it")
+        return None
+
+    def chunk_tokens(self, tokens: int, vocab: int) -> int:
+        """The largest power of two whose fp32 logits fit CHUNK_BYTES (at most T)."""
+        rows = max(1, self.CHUNK_BYTES // (4 * vocab))
+        return min(tokens, 1 << (rows.bit_length() - 1))
+
+    def _logp(self, inp: Inputs) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        if self._fn is None:
+            self._fn = torch.compile(_chunk_logp, dynamic=False)
+        h = inp.hidden.reshape(-1, inp.hidden.shape[-1])
+        y = inp.targets.reshape(-1)
+        c = self.chunk_tokens(h.shape[0], inp.weight.shape[0])
+        parts = [checkpoint(self._fn, h[i:i + c], inp.weight, y[i:i + c], use_reentrant=False)
+                 if torch.is_grad_enabled() else self._fn(h[i:i + c], inp.weight, y[i:i + c])
+                 for i in range(0, h.shape[0], c)]
+        return torch.cat(parts).view(inp.targets.shape)
+
+    def loss(self, inp):
+        return segment_loss(self._logp(inp), inp)
+
+    def has_logp(self):
+        return True
+
+    def logp(self, inp):
+        with torch.no_grad():
+            return self._logp(inp)
+
+
+def make(name: str, *, cce_cpu: bool = False, compile_cpu: bool = False) -> Contender:
     table = {
         "triton": lambda: Ours("triton", "triton"),
         "triton-token": lambda: Ours("triton-token", "triton", "token"),
@@ -203,7 +359,10 @@ def make(name: str, *, cce_cpu: bool = False) -> Contender:
         "reference": Reference,
         "liger-token": lambda: Liger("token"),
         "liger-seq": lambda: Liger("sequence"),
+        "liger-triton-token": LigerTriton,
         "cce+seg": lambda: CCE(allow_cpu=cce_cpu),
+        "trl-chunked+seg": TRLChunked,
+        "compile-chunked+seg": lambda: CompiledChunked(allow_cpu=compile_cpu),
     }
     if name not in table:
         raise ValueError(f"unknown contender {name!r}; known: {sorted(table)}")
@@ -211,12 +370,8 @@ def make(name: str, *, cce_cpu: bool = False) -> Contender:
 
 
 def segment_stage_backends(device: torch.device) -> dict[str, str | None]:
-    """Segment-stage implementations -> None if runnable here, else why not."""
+    """Segment-stage implementations -> None if runnable here, else why not. (There is no
+    Triton segment stage: the bench's segment table measures whether one would pay.)"""
     out: dict[str, str | None] = {"torch": None, "reference": None}
     out["native"] = None if rk.native_available() else "native op library not built"
-    try:
-        importlib.import_module("rankgrpo_kernels.segment_triton")
-        out["triton"] = None if device.type == "cuda" else "no CUDA device"
-    except Exception:  # noqa: BLE001 - any import failure: no Triton segment kernel
-        out["triton"] = "no Triton segment kernel (rankgrpo_kernels.segment_triton)"
     return out

@@ -97,11 +97,11 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         "versions": {d: _version(d) for d in DISTRIBUTIONS},
         "rankgrpo_kernels": {"version": rk.__version__,
-                             "path": _repo_relative(Path(rk.__file__).parent),
+                             "path": repo_relative(Path(rk.__file__).parent),
                              "triton_available": rk.triton_available(),
                              "native_available": rk.native_available()},
         "git": git_info(),
-        "argv": [_repo_relative(Path(a)) if Path(a).is_absolute() else a for a in sys.argv],
+        "argv": [repo_relative(Path(a)) if Path(a).is_absolute() else a for a in sys.argv],
     }
     if device.type == "cuda":
         info.update(_gpu())
@@ -111,11 +111,11 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-
-def _repo_relative(path: Path) -> str:
-    """A path inside this checkout as relative to its root, so recorded runs name no machine."""
+def repo_relative(path: Path) -> str:
+    """A path inside this checkout as relative to its root, one outside it as
+    `<outside-checkout>/<name>`: a recorded run names no path of the machine it ran on."""
     root = Path(__file__).resolve().parent.parent
     try:
         return str(path.resolve().relative_to(root))
     except ValueError:
-        return str(path)
+        return f"<outside-checkout>/{path.name}"

@@ -33,6 +33,7 @@ class Inputs:
     mask: torch.Tensor          # [B, L] bool
     mask_int: torch.Tensor      # [B, L] int64, the same mask as liger/TRL take it
     segment_ids: torch.Tensor   # [B, L] long, -1 on padding, num_ranks = overflow bin
+    eos_mask: torch.Tensor      # [B, L] bool, True at each row's EOS (every row ends with one)
     adv_rank: torch.Tensor      # [B, num_ranks] float32
     adv_row: torch.Tensor       # [B] float32
     old_logp: torch.Tensor      # [B, L] float32
@@ -53,7 +54,7 @@ class Inputs:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
             self.hidden, self.weight, self.targets, self.mask, self.mask_int, self.segment_ids,
-            self.adv_rank, self.adv_row, self.old_logp))
+            self.eos_mask, self.adv_rank, self.adv_row, self.old_logp))
 
 
 def rows_for(tokens: int, completion_len: int) -> tuple[int, int]:
@@ -128,5 +129,6 @@ def make_inputs(tokens: int, hidden_size: int, vocab: int, *, dtype: torch.dtype
     return Inputs(
         hidden=hidden.requires_grad_(True), weight=weight.requires_grad_(True),
         targets=targets, mask=mask.to(device), mask_int=mask.long().to(device),
-        segment_ids=seg.to(device), adv_rank=adv_rank.to(device), adv_row=adv_row.to(device),
+        segment_ids=seg.to(device), eos_mask=((targets == EOS_ID) & mask.to(device)),
+        adv_rank=adv_rank.to(device), adv_row=adv_row.to(device),
         old_logp=old_logp, num_ranks=num_ranks)

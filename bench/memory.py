@@ -81,3 +81,39 @@ class CpuPeak:
 
 def tracker(device: torch.device):
     return CudaPeak() if device.type == "cuda" else CpuPeak()
+
+
+MMAP_THRESHOLD = 128 * 1024  # bytes; blocks at least this large get their own mapping
+_M_MMAP_THRESHOLD = -3       # glibc mallopt parameter number (malloc.h)
+
+
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Pin glibc's mmap threshold in this process (what MALLOC_MMAP_THRESHOLD_ does for a new
+    one): every block of `threshold` bytes or more is its own mapping, returned to the OS when
+    freed, so the resident set follows live memory for large tensors. Without it glibc raises
+    the threshold after the first large free and later tensors reuse freed heap pages that the
+    VmHWM method cannot see (the cause of negative "peak" numbers in in-process CPU runs).
+    Returns False where this is not glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
+    except (OSError, AttributeError):
+        return False
+
+
+def beyond_outputs(raw: int | None, out_bytes: int) -> tuple[int | None, str | None]:
+    """Peak memory beyond the call's own outputs: (bytes, None), or (None, why) when the
+    measured growth is smaller than the outputs themselves. That happens only on CPU, where
+    outputs below the mmap threshold are carved from heap pages freed earlier in the process
+    and the resident set does not grow: the method did not resolve the call, and a number
+    (negative, or a clamp at 0) would be an invention."""
+    if raw is None:
+        return None, "no peak measurement on this device"
+    if raw < out_bytes:
+        return None, (f"below resolution: peak growth {raw} B < the call's own outputs "
+                      f"{out_bytes} B (reused heap pages are invisible to VmHWM)")
+    return raw - out_bytes, None

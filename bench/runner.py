@@ -26,7 +26,7 @@ import rankgrpo_kernels as rk
 from . import contenders as C
 from . import env as E
 from . import flops as F
-from . import report
+from . import memory, report
 from .inputs import Inputs, make_inputs, rows_for
 from .suites import SHAPES, Suite
 from .timing import measure
@@ -48,7 +48,7 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _step_call(contender: C.Contender):
+def step_call(contender: C.Contender):
     def call(inp: Inputs, timer):
         inp.clear_grads()
         t0 = timer.mark()
@@ -60,7 +60,7 @@ def _step_call(contender: C.Contender):
     return call
 
 
-def _logp_call(contender: C.Contender):
+def logp_call(contender: C.Contender):
     def call(inp: Inputs, timer):
         t0 = timer.mark()
         contender.logp(inp)
@@ -76,13 +76,13 @@ def measure_cell(contender: C.Contender, sets: list[Inputs], suite: Suite,
     warmup = suite.warmup + (1 if contender.compiles_on(device) else 0)
     rate = (matmul or {}).get("tflops")
     try:
-        st = measure(_step_call(contender), sets, phases=("forward", "backward"),
+        st = measure(step_call(contender), sets, phases=("forward", "backward"),
                      device=device, warmup=warmup, cell_budget_s=suite.cell_budget_s,
                      max_reps=suite.max_reps, max_step_s=suite.max_step_s,
                      min_reps=suite.min_reps, out_bytes=lambda inp: inp.grad_bytes(),
                      clear=lambda inp: inp.clear_grads())
     except Exception as err:  # noqa: BLE001 - OOM and failures are results
-        cell.update(_failure(err))
+        cell.update(failure(err))
         for s in sets:
             s.clear_grads()
         return cell
@@ -98,7 +98,7 @@ def measure_cell(contender: C.Contender, sets: list[Inputs], suite: Suite,
         cell["logp"] = {"status": "n/a", "reason": "same pass as the contender's other level"}
         return cell
     try:
-        lp = measure(_logp_call(contender), sets, phases=("logp",), device=device,
+        lp = measure(logp_call(contender), sets, phases=("logp",), device=device,
                      warmup=max(0, warmup - 1), cell_budget_s=suite.cell_budget_s / 2,
                      max_reps=suite.max_reps, max_step_s=suite.max_step_s,
                      min_reps=suite.min_reps, out_bytes=lambda inp: inp.tokens * 4)
@@ -107,13 +107,13 @@ def measure_cell(contender: C.Contender, sets: list[Inputs], suite: Suite,
         lp["frac_matmul"] = lp["tflops"] / rate if rate and lp["tflops"] else None
         cell["logp"] = lp
     except Exception as err:  # noqa: BLE001
-        cell["logp"] = _failure(err)
+        cell["logp"] = failure(err)
     finally:
         free_memory(device)
     return cell
 
 
-def _failure(err: BaseException) -> dict:
+def failure(err: BaseException) -> dict:
     if is_oom(err):
         return {"status": "OOM", "reason": str(err).splitlines()[0][:200]}
     return {"status": "error", "reason": f"{type(err).__name__}: {str(err)[:300]}",
@@ -124,7 +124,6 @@ def segment_table(sets: list[Inputs], suite: Suite, device: torch.device,
                   step_ms: float | None, step_name: str | None) -> dict:
     """rank_grpo_loss alone (forward + backward w.r.t. logp) per segment-stage backend."""
     rows = {}
-    lo, hi = C.EPSILONS["rank"]
     g = torch.Generator(device=device).manual_seed(7)
     logps = [(s.old_logp + 0.02 * torch.randn(s.old_logp.shape, generator=g, device=device))
              .requires_grad_(True) for s in sets]
@@ -141,8 +140,7 @@ def segment_table(sets: list[Inputs], suite: Suite, device: torch.device,
             t0 = timer.mark()
             loss, _ = rk.rank_grpo_loss(
                 logp, inp.old_logp, inp.adv_rank, inp.segment_ids, inp.mask, backend=name,
-                validate=False, level="rank", loss_type="bnpo", epsilon_low=lo,
-                epsilon_high=hi)
+                **C.loss_kwargs("rank", inp))
             loss.backward()
             t1 = timer.mark()
             return [t0, t1]
@@ -158,18 +156,18 @@ def segment_table(sets: list[Inputs], suite: Suite, device: torch.device,
                 r.pop(k, None)
             rows[name] = r
         except Exception as err:  # noqa: BLE001
-            rows[name] = _failure(err)
+            rows[name] = failure(err)
     return {"step_contender": step_name, "step_ms": step_ms, "rows": rows,
             "rule": "a Triton segment kernel is worth it only above 2% of the step"}
 
 
-def _new_config(shape, tokens: int, suite) -> tuple[dict, int, int]:
-    """The results entry of one (shape, T) pair, with its rows x row length."""
+def _new_config(shape, tokens: int, suite) -> dict:
+    """The results entry of one (shape, T) pair."""
     rows, length = rows_for(tokens, min(suite.completion_len, tokens))
     cfg = {"shape": shape.name, "hidden": shape.hidden, "vocab": shape.vocab,
            "tokens": tokens, "rows": rows, "row_len": length,
            "flops": F.model_flops(tokens, shape.hidden, shape.vocab), "cells": {}}
-    return cfg, rows, length
+    return cfg
 
 
 def _fastest_logp_fn(device: torch.device):
@@ -230,7 +228,11 @@ def _predict_skip(key, tokens, history, clock, suite) -> str | None:
 
 
 def run(suite: Suite, out_dir: Path, *, log=print, cce_cpu: bool = False,
-        plots: bool = True) -> dict:
+        compile_cpu: bool = False, plots: bool = True) -> dict:
+    """Measure every (shape, T) pair of the suite and write results.json / table.md (after
+    every pair) and the plots (at the end). One loop for every suite: what differs is how a
+    pair is measured, in this process (`InProcess`) or one process per measurement
+    (`Isolated`, the `cpu` suite, whose memory figures need it)."""
     device = torch.device(suite.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"suite {suite.name!r} needs a CUDA GPU and none is visible")
@@ -238,107 +240,149 @@ def run(suite: Suite, out_dir: Path, *, log=print, cce_cpu: bool = False,
     if suite.threads:
         torch.set_num_threads(suite.threads)
     try:
+        clock = Clock(suite.budget_s)
+        res = {"suite": suite.name, "env": E.environment(device),
+               "settings": _settings(suite), "configs": []}
+        log("\n".join(report.header_lines(res)))
+        how = (Isolated(suite, log) if suite.isolate
+               else InProcess(suite, device, log, cce_cpu=cce_cpu, compile_cpu=compile_cpu))
+        for shape_name in suite.shapes:
+            shape = SHAPES[shape_name]
+            for tokens in sorted(suite.tokens):
+                cfg = _new_config(shape, tokens, suite)
+                res["configs"].append(cfg)
+                if clock.left() <= 0:
+                    for n in suite.contenders:
+                        cfg["cells"][n] = {"status": "skipped",
+                                           "reason": "suite time budget spent"}
+                    continue
+                log(report.config_heading(cfg, how.detail(clock)))
+                how.measure_config(cfg, shape, tokens, clock)
+                res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
+                report.write(res, out_dir, plots=False)
+        res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
+        res["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         if suite.isolate:
-            return run_isolated(suite, out_dir, log=log, plots=plots)
-        return _run(suite, out_dir, device, log=log, cce_cpu=cce_cpu, plots=plots)
+            res["summary"] = report.cpu_summary(res)
+        report.write(res, out_dir, plots=plots)
+        if plots and (why := report.plots_unavailable()):
+            log(why)
+        return res
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(suite: Suite, out_dir: Path, device: torch.device, *, log, cce_cpu: bool,
-         plots: bool) -> dict:
-    dtype = DTYPES[suite.dtype]
-    clock = Clock(suite.budget_s)
-    res = {"suite": suite.name, "env": E.environment(device),
-           "settings": _settings(suite), "configs": []}
-    log("\n".join(report.header_lines(res)))
-    made = {n: C.make(n, cce_cpu=cce_cpu) for n in suite.contenders}
-    skips = {n: c.skip_reason(device) for n, c in made.items()}
-    for n, why in skips.items():
-        if why:
-            log(f"skipped {n}: {why}")
-    history: dict[str, dict] = {}
-    logp_fn = _fastest_logp_fn(device)
-    for shape_name in suite.shapes:
-        shape = SHAPES[shape_name]
-        for tokens in sorted(suite.tokens):
-            cfg, rows, length = _new_config(shape, tokens, suite)
-            res["configs"].append(cfg)
-            if clock.left() <= 0:
-                for n in suite.contenders:
-                    cfg["cells"][n] = {"status": "skipped", "reason": "suite time budget spent"}
-                continue
-            log(f"\n== {shape.name} H={shape.hidden} V={shape.vocab} T={tokens} "
-                f"({rows} x {length}), {clock.left():.0f} s of budget left")
-            try:
-                sets = [make_inputs(tokens, shape.hidden, shape.vocab, dtype=dtype,
-                                    device=device, completion_len=suite.completion_len,
-                                    num_ranks=suite.num_ranks, seed=1000 * i + tokens,
-                                    logp_fn=logp_fn)
-                        for i in range(suite.input_sets)]
-                cfg["matmul"] = F.matmul_rate(tokens, shape.hidden, shape.vocab, dtype=dtype,
-                                              device=device, budget_s=min(1.0, suite.budget_s
-                                                                          or 1.0))
-            except Exception as err:  # noqa: BLE001
-                cfg["error"] = _failure(err)
-                log(f"   inputs/matmul failed: {cfg['error']['reason']}")
-                free_memory(device)
-                continue
-            log(f"   {cfg['matmul']['dtype']} matmul: {cfg['matmul']['tflops']:.2f} TFLOP/s")
-            for name, contender in made.items():
-                cell = _run_one(name, contender, skips[name], sets, suite, device, cfg,
-                                history, clock, tokens, log)
-                cfg["cells"][name] = cell
-            best = next((n for n in ("triton", "torch") if _ok(cfg["cells"].get(n))), None)
-            if suite.segment_table:
-                step_ms = report._step_ms(cfg["cells"][best]) if best else None
-                cfg["segment"] = segment_table(sets, suite, device, step_ms, best)
-                for n, r in cfg["segment"]["rows"].items():
-                    if r.get("status") == "ok":
-                        share = (f" = {report._pct(r['share_of_step'])} of the {best} step"
-                                 if best else "")
-                        log(f"   segment stage {n:10s} {r['total_ms']['median']:.3f} ms{share}")
-            del sets
+class InProcess:
+    """Every contender in this process: the input sets are built once per (shape, T), then
+    each contender's step and no-grad pass, then the segment stage alone."""
+
+    def __init__(self, suite: Suite, device: torch.device, log, *, cce_cpu: bool,
+                 compile_cpu: bool):
+        self.suite, self.device, self.log = suite, device, log
+        self.dtype = DTYPES[suite.dtype]
+        if device.type == "cpu":
+            # Large blocks get their own mapping, so the VmHWM method sees them (memory.py).
+            memory.pin_mmap_threshold()
+        self.made = {n: C.make(n, cce_cpu=cce_cpu, compile_cpu=compile_cpu)
+                     for n in suite.contenders}
+        self.skips = {n: c.skip_reason(device) for n, c in self.made.items()}
+        for n, why in self.skips.items():
+            if why:
+                log(f"skipped {n}: {why}")
+        self.history: dict = {}
+        self.logp_fn = _fastest_logp_fn(device)
+
+    def detail(self, clock: Clock) -> str:
+        return f"{clock.left():.0f} s of budget left"
+
+    def measure_config(self, cfg: dict, shape, tokens: int, clock: Clock) -> None:
+        suite, device = self.suite, self.device
+        try:
+            sets = [make_inputs(tokens, shape.hidden, shape.vocab, dtype=self.dtype,
+                                device=device, completion_len=suite.completion_len,
+                                num_ranks=suite.num_ranks, seed=1000 * i + tokens,
+                                logp_fn=self.logp_fn)
+                    for i in range(suite.input_sets)]
+            cfg["matmul"] = F.matmul_rate(tokens, shape.hidden, shape.vocab, dtype=self.dtype,
+                                          device=device,
+                                          budget_s=min(1.0, suite.budget_s or 1.0))
+        except Exception as err:  # noqa: BLE001
+            cfg["error"] = failure(err)
+            self.log(f"   inputs/matmul failed: {cfg['error']['reason']}")
             free_memory(device)
-            res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
-            report.write(res, out_dir, plots=False)
-    res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
-    res["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report.write(res, out_dir, plots=plots)
-    return res
+            return
+        self.log(report.matmul_line(cfg["matmul"]))
+        for name, contender in self.made.items():
+            cfg["cells"][name] = self._one(name, contender, sets, cfg, clock, tokens)
+        best = next((n for n in ("triton", "torch") if _ok(cfg["cells"].get(n))), None)
+        if suite.segment_table:
+            step = report.step_ms(cfg["cells"][best]) if best else None
+            cfg["segment"] = segment_table(sets, suite, device, step, best)
+            for line in report.segment_lines(cfg["segment"]):
+                self.log(line)
+        del sets
+        free_memory(device)
+
+    def _one(self, name, contender, sets, cfg, clock, tokens) -> dict:
+        why = self.skips[name]
+        if why:
+            return {"status": "skipped", "reason": why, "level": contender.level,
+                    "static": True}
+        key = (cfg["shape"], name)
+        pred = _predict_skip(key, tokens, self.history, clock, self.suite)
+        if pred:
+            self.log(f"   {name:13s} skipped: {pred}")
+            status = "OOM" if pred.startswith("OOM") else "skipped"
+            return {"status": status, "reason": pred, "level": contender.level}
+        start = time.monotonic()
+        cell = measure_cell(contender, sets, self.suite, self.device, cfg["flops"],
+                            cfg.get("matmul"))
+        spent = time.monotonic() - start
+        cell["wall_s"] = round(spent, 2)
+        if cell["status"] == "ok":
+            self.history[key] = {"tokens": tokens,
+                                 "step_s": cell["step"]["total_ms"]["median"] / 1e3,
+                                 "cell_s": spent}
+        elif cell["status"] == "OOM":
+            self.history[key] = {"oom_at": tokens}
+        self.log(report.cell_line(name, cell, spent))
+        return cell
+
+
+class Isolated:
+    """Each contender's memory in a fresh process (pinned mmap threshold), then its timing in
+    `suite.rounds` fresh processes, interleaved across contenders so that a change in the
+    machine's load falls on all of them (bench/worker.py)."""
+
+    def __init__(self, suite: Suite, log):
+        self.suite, self.log = suite, log
+
+    def detail(self, clock: Clock) -> str:
+        return "one process per contender and measurement"
+
+    def measure_config(self, cfg: dict, shape, tokens: int, clock: Clock) -> None:
+        suite, log = self.suite, self.log
+        args = ["--hidden", str(shape.hidden), "--vocab", str(shape.vocab),
+                "--tokens", str(tokens), "--dtype", suite.dtype,
+                "--completion-len", str(suite.completion_len),
+                "--num-ranks", str(suite.num_ranks), "--max-reps", str(suite.max_reps),
+                "--cell-budget-s", str(suite.cell_budget_s), "--threads", str(suite.threads)]
+        mem = {n: _worker(["--mode", "memory", "--contender", n, *args], log)
+               for n in suite.contenders}
+        timing: dict[str, list[dict]] = {n: [] for n in suite.contenders}
+        for r in range(suite.rounds):
+            for n in suite.contenders:
+                log(f"   timing {n} (round {r + 1}/{suite.rounds})")
+                timing[n].append(_worker(["--mode", "time", "--contender", n, *args], log))
+        cfg["matmul"] = _pooled_matmul([r for rs in timing.values() for r in rs])
+        if cfg["matmul"]:
+            log(report.matmul_line(cfg["matmul"], pooled=True))
+        for n in suite.contenders:
+            cfg["cells"][n] = _merge(n, mem[n], timing[n], cfg["flops"], cfg["matmul"])
 
 
 def _ok(cell):
     return bool(cell) and cell.get("status") == "ok"
-
-
-def _run_one(name, contender, why, sets, suite, device, cfg, history, clock, tokens, log):
-    if why:
-        return {"status": "skipped", "reason": why, "level": contender.level, "static": True}
-    key = (cfg["shape"], name)
-    pred = _predict_skip(key, tokens, history, clock, suite)
-    if pred:
-        log(f"   {name:13s} skipped: {pred}")
-        status = "OOM" if pred.startswith("OOM") else "skipped"
-        return {"status": status, "reason": pred, "level": contender.level}
-    start = time.monotonic()
-    cell = measure_cell(contender, sets, suite, device, cfg["flops"], cfg.get("matmul"))
-    spent = time.monotonic() - start
-    cell["wall_s"] = round(spent, 2)
-    if cell["status"] == "ok":
-        st = cell["step"]
-        history[key] = {"tokens": tokens, "step_s": st["total_ms"]["median"] / 1e3,
-                        "cell_s": spent}
-        lp = cell.get("logp") or {}
-        log(f"   {name:13s} step {report._ms(st['total_ms'])} ms "
-            f"({report._rate(st['tflops'])} TFLOP/s, {report._pct(st['frac_matmul'])} of mm, "
-            f"n={st['reps']}), no-grad {report._ms(lp.get('total_ms'))} ms, "
-            f"peak {report._mib(st['peak_extra_bytes'])} MiB  [{spent:.1f} s]")
-    else:
-        if cell["status"] == "OOM":
-            history[key] = {"oom_at": tokens}
-        log(f"   {name:13s} {cell['status']}: {cell.get('reason', '')[:150]}  [{spent:.1f} s]")
-    return cell
 
 
 def _settings(suite: Suite) -> dict:
@@ -349,51 +393,6 @@ def _settings(suite: Suite) -> dict:
     s["loss_type"] = "bnpo"
     s["epsilons"] = C.EPSILONS
     return s
-
-
-# ---------------------------------------------------------------- isolated (one process each)
-
-def run_isolated(suite: Suite, out_dir: Path, *, log=print, plots: bool = True) -> dict:
-    """Each contender's memory in a fresh process (pinned mmap threshold), then its timing in
-    `suite.rounds` fresh processes, interleaved across contenders so that a change in the
-    machine's load falls on all of them."""
-    device = torch.device(suite.device)
-    clock = Clock(suite.budget_s)
-    res = {"suite": suite.name, "env": E.environment(device), "settings": _settings(suite),
-           "configs": []}
-    log("\n".join(report.header_lines(res)))
-    for shape_name in suite.shapes:
-        shape = SHAPES[shape_name]
-        for tokens in sorted(suite.tokens):
-            cfg, rows, length = _new_config(shape, tokens, suite)
-            res["configs"].append(cfg)
-            log(f"\n== {shape.name} H={shape.hidden} V={shape.vocab} T={tokens} "
-                f"({rows} x {length}), one process per contender and measurement")
-            args = ["--hidden", str(shape.hidden), "--vocab", str(shape.vocab),
-                    "--tokens", str(tokens), "--dtype", suite.dtype,
-                    "--completion-len", str(suite.completion_len),
-                    "--num-ranks", str(suite.num_ranks), "--max-reps", str(suite.max_reps),
-                    "--cell-budget-s", str(suite.cell_budget_s),
-                    "--threads", str(suite.threads)]
-            mem = {n: _worker(["--mode", "memory", "--contender", n, *args], log)
-                   for n in suite.contenders}
-            timing: dict[str, list[dict]] = {n: [] for n in suite.contenders}
-            for r in range(suite.rounds):
-                for n in suite.contenders:
-                    log(f"   timing {n} (round {r + 1}/{suite.rounds})")
-                    timing[n].append(_worker(["--mode", "time", "--contender", n, *args], log))
-            cfg["matmul"] = _pooled_matmul([r for rs in timing.values() for r in rs])
-            log(f"   {cfg['matmul']['dtype']} matmul (median over the timing processes): "
-                f"{cfg['matmul']['tflops']:.3f} TFLOP/s")
-            for n in suite.contenders:
-                cfg["cells"][n] = _merge(n, mem[n], timing[n], cfg["flops"], cfg["matmul"])
-            res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
-            report.write(res, out_dir, plots=False)
-    res["elapsed_s"] = round(time.monotonic() - clock.start, 1)
-    res["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    res["summary"] = cpu_summary(res)
-    report.write(res, out_dir, plots=plots)
-    return res
 
 
 def _worker(argv: list[str], log) -> dict:
@@ -427,10 +426,13 @@ def _pooled_matmul(results: list[dict]) -> dict:
 
 
 def _merge(name: str, mem: dict, rounds: list[dict], flop: dict, matmul: dict) -> dict:
+    """One cell from a contender's memory process and its timing processes. The level comes
+    from the workers' reports (the contender's own `level`), never assumed."""
+    level = mem.get("level") or next((r["level"] for r in rounds if r.get("level")), None)
     bad = [r for r in [mem, *rounds] if r.get("status") != "ok"]
     if bad:
         return {"status": bad[0].get("status"), "reason": bad[0].get("reason"),
-                "level": "rank"}
+                "level": level}
     from .timing import summarize
 
     def pooled(key, phase):
@@ -445,51 +447,16 @@ def _merge(name: str, mem: dict, rounds: list[dict], flop: dict, matmul: dict) -
             "peak_raw_bytes": mem["step"]["peak_raw_bytes"],
             "memory_method": mem["step"]["memory_method"] + ", fresh process, mmap threshold "
                                                           "128 KiB"}
-    step["tflops"] = F.tflops(flop["step"], step["total_ms"]["median"])
-    step["frac_matmul"] = step["tflops"] / matmul["tflops"] if matmul.get("tflops") else None
     lp = {"status": "ok", "total_ms": pooled("logp", "total"),
           "reps": sum(r["logp"]["reps"] for r in rounds),
           "peak_extra_bytes": mem["logp"]["peak_extra_bytes"],
           "peak_raw_bytes": mem["logp"]["peak_raw_bytes"]}
-    lp["tflops"] = F.tflops(flop["logp"], lp["total_ms"]["median"])
-    lp["frac_matmul"] = lp["tflops"] / matmul["tflops"] if matmul.get("tflops") else None
-    return {"status": "ok", "level": "rank", "note": mem.get("note", ""), "step": step,
+    for out, src in ((step, mem["step"]), (lp, mem["logp"])):
+        if src.get("memory_note"):
+            out["memory_note"] = src["memory_note"]
+        out["tflops"] = F.tflops(flop["step" if out is step else "logp"],
+                                 out["total_ms"]["median"])
+        out["frac_matmul"] = (out["tflops"] / matmul["tflops"] if matmul.get("tflops")
+                              else None)
+    return {"status": "ok", "level": level, "note": mem.get("note", ""), "step": step,
             "logp": lp, "rss_before_bytes": mem.get("rss_before_bytes")}
-
-
-def cpu_summary(res: dict) -> list[str]:
-    """The torch-vs-reference lines the `cpu` suite exists for."""
-    lines = []
-    for cfg in res["configs"]:
-        t, r = cfg["cells"].get("torch", {}), cfg["cells"].get("reference", {})
-        if t.get("status") != "ok" or r.get("status") != "ok":
-            lines.append(f"{cfg['shape']} T={cfg['tokens']}: torch {t.get('status')}, "
-                         f"reference {r.get('status')}")
-            continue
-        mib = report.MIB
-        tm, rm = t["step"]["peak_extra_bytes"], r["step"]["peak_extra_bytes"]
-        traw, rraw = t["step"]["peak_raw_bytes"], r["step"]["peak_raw_bytes"]
-        ts, rs = t["step"]["total_ms"]["median"], r["step"]["total_ms"]["median"]
-        env = res["env"]
-        design = (cfg["tokens"], cfg["hidden"], cfg["vocab"]) == report.CPU_TARGET_SIZE
-
-        def verdict(ok, design=design):
-            return ("PASS" if ok else "FAIL") if design else "(target is for T=4096 H=256 V=32000)"
-        lines += [
-            f"CPU memory benchmark: forward+backward, T={cfg['tokens']} H={cfg['hidden']} "
-            f"V={cfg['vocab']} {res['settings']['dtype']}, each contender in its own process",
-            f"  {env['machine']}, torch threads {env['torch_threads']}, load average "
-            f"{env['loadavg_at_start'][0]} at start, {res.get('loadavg_at_end', ['?'])[0]} "
-            f"at end (other jobs share this machine)",
-            f"  peak memory growth (VmHWM - VmRSS before the step):  torch {traw / mib:8.1f} MiB"
-            f"   reference {rraw / mib:8.1f} MiB   ratio {traw / rraw:.3f}",
-            f"  beyond the gradients dhidden+dW ({(traw - tm) / mib:.1f} MiB):           "
-            f"torch {tm / mib:8.1f} MiB   reference {rm / mib:8.1f} MiB   ratio {tm / rm:.3f}",
-            f"  memory ratio torch/reference = {traw / rraw:.3f} (target <= 0.10): "
-            f"{verdict(traw / rraw <= 0.10)}",
-            f"  step time (median of {t['step']['reps']} / {r['step']['reps']} calls): torch "
-            f"{ts / 1e3:.2f} s, reference {rs / 1e3:.2f} s",
-            f"  throughput torch/reference = {rs / ts:.2f}x (target >= 0.8x): "
-            f"{verdict(rs / ts >= 0.8)}",
-        ]
-    return lines

@@ -33,8 +33,8 @@ SHAPES = {
 
 # Every contender the suites know, in the order tables list them (fast ones first).
 ALL_CONTENDERS = (
-    "triton", "triton-token", "triton-seq", "torch", "native", "cce+seg",
-    "liger-token", "liger-seq", "reference",
+    "triton", "triton-token", "triton-seq", "torch", "native", "cce+seg", "trl-chunked+seg",
+    "compile-chunked+seg", "liger-token", "liger-seq", "liger-triton-token", "reference",
 )
 
 
@@ -67,7 +67,8 @@ SUITES = {
     "smoke": Suite(
         name="smoke", device="cpu", dtype="float32", shapes=("tiny",),
         tokens=(128, 256), completion_len=64,
-        contenders=("triton", "torch", "native", "cce+seg", "liger-token", "liger-seq",
+        contenders=("triton", "torch", "native", "cce+seg", "trl-chunked+seg",
+                    "compile-chunked+seg", "liger-token", "liger-seq", "liger-triton-token",
                     "reference"),
         max_reps=2, min_reps=1, cell_budget_s=0.05, max_step_s=60.0, budget_s=0.0,
         targets=False, threads=1,

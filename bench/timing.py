@@ -71,7 +71,9 @@ def measure(call: Call, sets: Sequence, *, phases: Sequence[str], device: torch.
             clear: Callable[[object], None] = lambda inp: None) -> dict:
     """Warm up, pick a repetition count that fits `cell_budget_s`, time every phase and take
     the peak memory of the first timed call. Returns {phase_ms: stats, "total_ms": stats,
-    "warmup_s": [...], "peak_extra_bytes", "peak_raw_bytes", "memory_method"}.
+    "warmup_s": [...], "peak_extra_bytes", "peak_raw_bytes", "memory_method"[, "memory_note"]}.
+    peak_extra_bytes is None (with memory_note saying why) when the method could not resolve
+    the call (memory.beyond_outputs); it is never negative.
     """
     timer = Timer(device)
     warm = []
@@ -88,7 +90,7 @@ def measure(call: Call, sets: Sequence, *, phases: Sequence[str], device: torch.
         clear(s)
     peak = memory.tracker(device)
     marks = []
-    raw = None
+    raw, extra, note = None, None, None
     for r in range(reps):
         inp = sets[(len(warm) + r) % len(sets)]
         if r == 0:
@@ -96,7 +98,7 @@ def measure(call: Call, sets: Sequence, *, phases: Sequence[str], device: torch.
         marks.append(call(inp, timer))
         if r == 0:
             raw = peak.stop()
-            extra = None if raw is None else raw - out_bytes(inp)
+            extra, note = memory.beyond_outputs(raw, out_bytes(inp))
     timer.sync()
     out = {"warmup_s": [round(w, 4) for w in warm], "reps": reps}
     totals = [0.0] * reps
@@ -108,4 +110,6 @@ def measure(call: Call, sets: Sequence, *, phases: Sequence[str], device: torch.
     out["peak_raw_bytes"] = raw
     out["peak_extra_bytes"] = extra
     out["memory_method"] = peak.method
+    if note:
+        out["memory_note"] = note
     return out

@@ -24,7 +24,7 @@ from . import contenders as C
 from . import memory, timing
 from .flops import matmul_rate
 from .inputs import make_inputs
-from .runner import DTYPES, _failure, _logp_call, _step_call
+from .runner import DTYPES, failure, logp_call, step_call
 
 
 def _memory(contender, inp, device) -> dict:
@@ -34,17 +34,20 @@ def _memory(contender, inp, device) -> dict:
     gc.collect()
     out["rss_before_bytes"] = memory.rss_bytes()
     peak.start()
-    _step_call(contender)(inp, timing.Timer(device))
+    step_call(contender)(inp, timing.Timer(device))
     raw = peak.stop()
-    out["step"] = {"peak_raw_bytes": raw, "peak_extra_bytes": raw - inp.grad_bytes(),
-                   "memory_method": peak.method}
+    extra, note = memory.beyond_outputs(raw, inp.grad_bytes())
+    out["step"] = {"peak_raw_bytes": raw, "peak_extra_bytes": extra,
+                   "memory_method": peak.method, **({"memory_note": note} if note else {})}
     inp.clear_grads()
     gc.collect()
     peak = memory.tracker(device)
     peak.start()
-    _logp_call(contender)(inp, timing.Timer(device))
+    logp_call(contender)(inp, timing.Timer(device))
     raw = peak.stop()
-    out["logp"] = {"peak_raw_bytes": raw, "peak_extra_bytes": raw - inp.tokens * 4}
+    extra, note = memory.beyond_outputs(raw, inp.tokens * 4)
+    out["logp"] = {"peak_raw_bytes": raw, "peak_extra_bytes": extra,
+                   **({"memory_note": note} if note else {})}
     return out
 
 
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(a.threads)
     device = torch.device("cpu")
     contender = C.make(a.contender)
-    out: dict = {"contender": a.contender, "mode": a.mode, "note": contender.note}
+    out: dict = {"contender": a.contender, "mode": a.mode, "note": contender.note,
+                 "level": contender.level}
     why = contender.skip_reason(device)
     if why:
         out.update(status="skipped", reason=why)
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         if a.mode == "memory":
             small = make_inputs(64, a.hidden, a.vocab, dtype=dtype, device=device,
                                 completion_len=64, num_ranks=a.num_ranks, seed=1)
-            _step_call(contender)(small, timing.Timer(device))
+            step_call(contender)(small, timing.Timer(device))
             contender.logp(small)
             del small
             out.update(_memory(contender, inp, device))
@@ -92,18 +96,18 @@ def main(argv: list[str] | None = None) -> dict:
                                         budget_s=2.0, max_reps=3)
             common = dict(device=device, cell_budget_s=a.cell_budget_s, max_reps=a.max_reps,
                           max_step_s=1e9)
-            out["step"] = timing.measure(_step_call(contender), [inp],
+            out["step"] = timing.measure(step_call(contender), [inp],
                                          phases=("forward", "backward"), warmup=1,
                                          out_bytes=lambda i: i.grad_bytes(),
                                          clear=lambda i: i.clear_grads(), **common)
-            out["logp"] = timing.measure(_logp_call(contender), [inp], phases=("logp",),
+            out["logp"] = timing.measure(logp_call(contender), [inp], phases=("logp",),
                                          warmup=0, **common)
             out["summary"] = (f"step {out['step']['total_ms']['median'] / 1e3:.2f} s "
                               f"(n={out['step']['reps']}), no-grad "
                               f"{out['logp']['total_ms']['median'] / 1e3:.2f} s")
         out["status"] = "ok"
     except Exception as err:  # noqa: BLE001 - OOM and failures are results
-        out.update(_failure(err))
+        out.update(failure(err))
     return _emit(out)
 
 

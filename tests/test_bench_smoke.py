@@ -4,6 +4,8 @@ every contender is reported (measured or skipped with a reason) and every output
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,9 +57,28 @@ def test_smoke_reports_every_contender(smoke):
             assert step["tflops"] > 0
             assert cfg["cells"][name]["logp"]["total_ms"]["median"] > 0
         assert cfg["cells"]["triton"]["status"] == "skipped"  # no CUDA here
+        assert cfg["cells"]["liger-triton-token"]["status"] == "skipped"  # Triton kernel
+        compiled = cfg["cells"]["compile-chunked+seg"]
+        assert compiled["status"] == "skipped" and "--compile-cpu" in compiled["reason"]
+        for name, cell in cfg["cells"].items():  # never a negative peak: a number or None
+            for phase in ("step", "logp"):
+                peak = (cell.get(phase) or {}).get("peak_extra_bytes")
+                assert peak is None or peak >= 0, (name, phase, peak)
+                if peak is None and cell.get(phase, {}).get("status", "ok") == "ok" \
+                        and cell["status"] == "ok":
+                    assert cell[phase].get("memory_note"), (name, phase)
         assert cfg["matmul"]["tflops"] > 0
         seg = cfg["segment"]["rows"]
         assert seg["torch"]["status"] == "ok" and seg["reference"]["status"] == "ok"
+
+
+def test_smoke_trl_chunked_runs_on_cpu(smoke):
+    pytest.importorskip("trl.kernels.chunked_logprob")
+    res, _ = smoke
+    for cfg in res["configs"]:
+        cell = cfg["cells"]["trl-chunked+seg"]
+        assert cell["status"] == "ok", cell
+        assert cell["step"]["total_ms"]["median"] > 0
 
 
 def test_smoke_liger_runs_on_cpu(smoke):
@@ -85,3 +106,52 @@ def test_helpers():
     with pytest.raises(ValueError, match="unknown shape"):
         parse_shapes("gpt-9")
     assert customise(SUITES["smoke"], tokens=(64,), budget_s=None).tokens == (64,)
+
+
+def test_no_matplotlib_writes_tables_and_says_so(tmp_path):
+    """Without matplotlib the run still writes results.json and table.md, draws no PNG, says
+    so in the log and in table.md, and exits 0 (it used to crash after the whole run)."""
+    code = ("import sys; sys.modules['matplotlib'] = None; from bench.__main__ import main; "
+            f"sys.exit(0 if main(['--suite', 'smoke', '--contenders', 'torch', '--tokens', "
+            f"'128', '--out', {str(tmp_path)!r}]) else 1)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "results.json").stat().st_size > 0
+    assert not list(tmp_path.glob("*.png"))
+    assert "plots skipped: matplotlib is not installed" in proc.stdout
+    assert "plots skipped" in (tmp_path / "table.md").read_text()
+    assert "(no plots)" in proc.stdout
+
+
+def test_results_never_record_an_absolute_path(tmp_path):
+    res = {"suite": "smoke", "env": {"argv": ["bench/__main__.py", "--out", "/srv/x/out"]}}
+    with pytest.raises(ValueError, match=r"results\.env\.argv\[2\].*absolute path"):
+        report.check_no_absolute_paths(res)
+    with pytest.raises(ValueError, match="absolute path"):
+        report.write({**res, "settings": {"targets": False}, "configs": []}, tmp_path,
+                     plots=False)
+    assert not (tmp_path / "results.json").exists()  # refused before anything was written
+    # Not paths: prose, commands and URLs with slashes pass.
+    report.check_no_absolute_paths({"note": "fp32 / bf16", "reason": "see /proc/self/status",
+                                    "url": "https://example.org/a"})
+    from bench.env import repo_relative
+    assert repo_relative(REPO / "bench" / "runner.py") == "bench/runner.py"
+    assert repo_relative(Path("/somewhere/else/out")) == "<outside-checkout>/out"
+
+
+def test_recorded_runs_name_no_absolute_path():
+    """Every committed results.json (their path fields were made checkout-relative)."""
+    runs = sorted((REPO / "bench" / "results").glob("*/results.json"))
+    assert runs
+    for path in runs:
+        report.check_no_absolute_paths(json.loads(path.read_text()), str(path.parent.name))
+
+
+def test_memory_beyond_outputs_is_never_negative():
+    from bench.memory import beyond_outputs
+    assert beyond_outputs(5000, 1000) == (4000, None)
+    extra, note = beyond_outputs(0, 4096)
+    assert extra is None and "below resolution" in note
+    assert beyond_outputs(None, 10)[0] is None
