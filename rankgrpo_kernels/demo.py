@@ -24,7 +24,6 @@ def _run(backend: str, tokens: int, hidden: int, vocab: int, seed: int, queue) -
     from rankgrpo_kernels import fused_linear_rank_grpo_loss, segment_ids_from_newlines
 
     torch.manual_seed(seed)
-    torch.set_num_threads(torch.get_num_threads())
     b, t = tokens // 512, 512
     h = torch.randn(b, t, hidden, requires_grad=True)
     w = (torch.randn(vocab, hidden) / hidden ** 0.5).requires_grad_()
@@ -33,17 +32,18 @@ def _run(backend: str, tokens: int, hidden: int, vocab: int, seed: int, queue) -
     newline = (torch.arange(vocab) % 25 == 0).long()
     seg = segment_ids_from_newlines(y, mask, newline, 20)
     adv = torch.randn(b, 20)
+    eos = torch.zeros_like(mask)  # every row runs to T: truncated, no EOS token
     old = None
     # Warm up on a small slice so that code pages and thread pools loaded on first use are
     # not counted as the loss's memory.
     fused_linear_rank_grpo_loss(h[:1, :64].detach().requires_grad_(), w, y[:1, :64], old,
-                                adv[:1], seg[:1, :64], mask[:1, :64], backend=backend,
-                                validate=False)[0].backward()
+                                adv[:1], seg[:1, :64], mask[:1, :64], eos_mask=eos[:1, :64],
+                                backend=backend, validate=False)[0].backward()
     w.grad = None
     base = _rss_bytes()
     start = time.perf_counter()
-    loss, metrics = fused_linear_rank_grpo_loss(h, w, y, old, adv, seg, mask, backend=backend,
-                                                validate=False)
+    loss, metrics = fused_linear_rank_grpo_loss(h, w, y, old, adv, seg, mask, eos_mask=eos,
+                                                backend=backend, validate=False)
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -1,4 +1,7 @@
-"""Public phase 1: per-token log-probs from hidden states and the LM head, no [T, V] logits."""
+"""Public phase 1: per-token log-probs from hidden states and the LM head, no [T, V] logits.
+
+The phase-1 implementation (a `contract.Phase1Backend`) is picked by `backends.phase1_module`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import torch
 
 from . import backends
 from ._validate import FLOAT_DTYPES, check_finite, check_tensor
+from .contract import Phase1Backend
 from .logprobs_reference import logprobs as reference_logprobs
 
 
@@ -13,10 +17,11 @@ class _LinearLogprobs(torch.autograd.Function):
     """Autograd wrapper around a phase-1 module's forward/backward pair."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, impl, need_entropy):
-        logp, lse, entropy = impl.forward(hidden, weight, targets, bias, temperature,
-                                          need_entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+    def forward(ctx, hidden, weight, bias, targets, temperature, impl: Phase1Backend,
+                need_entropy):
+        logp, lse_state, entropy = impl.forward(hidden, weight, targets, bias, temperature,
+                                                need_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_state, entropy)
         ctx.temperature, ctx.impl = temperature, impl
         # An unused entropy output then arrives as None and its gradient path is skipped.
         ctx.set_materialize_grads(False)
@@ -27,15 +32,17 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse_state, entropy = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                  bias is not None and ctx.needs_input_grad[2])
         if grad_logp is None:
-            grad_logp = torch.zeros(targets.shape, dtype=lse.dtype, device=lse.device)
+            grad_logp = torch.zeros(targets.shape, dtype=lse_state.dtype,
+                                    device=lse_state.device)
         if grad_entropy is not None and entropy is None:
             grad_entropy = None  # entropy was not computed: its output is a constant zero
-        dh, dw, db = ctx.impl.backward(hidden, weight, targets, bias, ctx.temperature, lse,
-                                       entropy, grad_logp.contiguous(), grad_entropy, needs)
+        dh, dw, db = ctx.impl.backward(hidden, weight, targets, bias, ctx.temperature,
+                                       lse_state, entropy, grad_logp.contiguous(),
+                                       grad_entropy, needs)
         return dh, dw, db, None, None, None, None
 
 
@@ -49,7 +56,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Args:
         hidden: [B, T, H] or [T, H], fp32/fp16/bf16/fp64, already aligned with targets.
         weight: [V, H], the LM head (same dtype as hidden).
-        targets: [B, T] or [T] integer token ids in [0, V), or `ignore_index`.
+        targets: [B, T] or [T] integer token ids in [0, V), or `ignore_index`. The hidden
+            rows of ignored targets may hold anything (NaN, inf): they are replaced by 0
+            before the matmul, so they reach neither a result nor a gradient (their gradient
+            is 0).
         bias: optional [V].
     Returns:
         logp [B, T] or [T] in fp32 (fp64 for fp64 inputs), 0 where the target is ignored;
@@ -82,11 +92,14 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"targets must be in [0, {vocab}) or ignore_index={ignore_index}; "
                              f"got {int(t[i])} at flat index {i}")
-        check_finite("hidden", hidden)
+        check_finite("hidden", hidden.reshape(-1, hidden.shape[-1]), ~ignored.unsqueeze(1))
         check_finite("weight", weight)
         check_finite("bias", bias)
     t = torch.where(ignored, torch.full_like(t, -1), t)
-    h = hidden.reshape(-1, hidden.shape[-1])
+    # Rows of ignored tokens (padding) may hold NaN/inf; 0 * NaN would still reach the dot
+    # products of the GEMMs, so the rows are zeroed here, once, for every backend (one copy
+    # of hidden; the kernels stay unaware of it).
+    h = torch.where(ignored.unsqueeze(1), 0, hidden.reshape(-1, hidden.shape[-1]))
     impl = backends.phase1_module(backend, hidden.device)
     if impl is None:
         logp, entropy = reference_logprobs(h, weight, t, bias, float(temperature), return_entropy)

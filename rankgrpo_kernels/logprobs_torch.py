@@ -2,9 +2,11 @@
 
 Rows are processed `chunk` at a time, so the largest temporary is one [chunk, V] tile,
 allocated once and reused in place. The backward recomputes each logit tile from the
-saved log-sum-exp instead of storing probabilities. In the forward every chunk is padded
+saved log-sum-exp (`lse_state` [N], see `contract.Phase1Backend`) instead of storing
+probabilities. In the forward every chunk is padded
 to the same row count: CPU BLAS takes another (gemv) path for a single row, and a fixed
-matmul shape is what makes a row's logp independent of the batch it sits in (SPEC 8).
+matmul shape is what makes a row's logp independent of the batch it sits in (docs/math.md
+section 8).
 """
 
 from __future__ import annotations
@@ -57,13 +59,14 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             bias: torch.Tensor | None, temperature: float, need_entropy: bool):
     """hidden [N, H], weight [V, H], targets [N] (negative = ignored).
 
-    Returns (logp [N], lse [N], entropy [N] or None), float32 (float64 for float64 inputs).
+    Returns (logp [N], lse_state [N], entropy [N] or None), float32 (float64 for float64
+    inputs); lse_state is the log-sum-exp of the tempered logits, what `backward` takes.
     logp is 0 where the target is ignored; entropy is computed for every row.
     """
     acc, w, b, rows = _operands(hidden, weight, bias)
     n, dim, vocab, dev = hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device
     logp = torch.empty(n, dtype=acc, device=dev)
-    lse = torch.empty_like(logp)
+    lse_state = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if need_entropy else None
     z_buf = torch.empty(rows, vocab, dtype=acc, device=dev)
     e_buf = torch.empty(min(rows, EXP_ROWS), vocab, dtype=acc, device=dev)
@@ -87,19 +90,20 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             if ez is not None:
                 ez[r:r + zr.shape[0]] = torch.linalg.vecdot(e, zr)
         log_s = s.log()
-        lse[start:start + k] = m + log_s
+        lse_state[start:start + k] = m + log_s
         logp[start:start + k] = torch.where(tl >= 0, zt - m - log_s, 0)
         if entropy is not None:
             # H = -sum p log p = log s - sum e (z - m) / s
             entropy[start:start + k] = log_s - ez / s
-    return logp, lse, entropy
+    return logp, lse_state, entropy
 
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-             bias: torch.Tensor | None, temperature: float, lse: torch.Tensor,
+             bias: torch.Tensor | None, temperature: float, lse_state: torch.Tensor,
              entropy: torch.Tensor | None, grad_logp: torch.Tensor,
              grad_entropy: torch.Tensor | None, needs: tuple[bool, bool, bool]):
-    """Gradients of sum(grad_logp * logp + grad_entropy * entropy).
+    """Gradients of sum(grad_logp * logp + grad_entropy * entropy); lse_state [N] from
+    `forward`.
 
     dL/dz = [g (onehot(y) - p) - ge p (log p + H)] / temperature, then dhidden = dz @ W,
     dW = dz^T @ hidden, dbias = sum_rows dz. Returns (dhidden, dweight, dbias) in the
@@ -118,7 +122,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         tile = hidden[start:start + k].to(acc)
         z = _logits_into(z_buf, tile, w, b, temperature)
         g = g_all[start:start + k]
-        z.sub_(lse[start:start + k].unsqueeze(1))  # log p
+        z.sub_(lse_state[start:start + k].unsqueeze(1))  # log p
         if grad_entropy is not None:
             ge = torch.where(targets[start:start + k] >= 0,
                              grad_entropy[start:start + k].to(acc), 0).unsqueeze(1)

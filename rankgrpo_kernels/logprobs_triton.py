@@ -1,6 +1,6 @@
 """Phase 1 in Triton: the launcher for the fused log-prob kernels (backend="triton").
 
-Same contract as `logprobs_torch` (forward/backward, see there); kernels live in
+Same contract as `logprobs_torch` (`contract.Phase1Backend`); kernels live in
 `triton_logprobs_fwd.py` and `triton_logprobs_bwd.py`, block sizes in `triton_config.py`.
 
 Forward (deterministic and batch-invariant, no atomics): grid of (token block, vocabulary
@@ -30,8 +30,8 @@ accumulator (the result is cast to hidden's dtype in the last slab's GEMM epilog
 For fp16 operands dz is multiplied by a power of two before its cast (exact), so that small
 probabilities do not flush to fp16 zero; the GEMMs divide it out in fp32.
 
-Dtypes: bf16, fp16 and fp32 inputs; logp, lse, entropy are fp32. fp64 inputs are served by the
-chunked torch backend (exact float64), not by these kernels. Under TRITON_INTERPRET=1 (CPU),
+Dtypes: bf16, fp16 and fp32 inputs; logp, lse_state, entropy are fp32. fp64 inputs are served
+by the chunked torch backend (exact float64), not by these kernels. Under TRITON_INTERPRET=1 (CPU),
 bf16 operands are widened to fp32 on the host first, because the interpreter's bf16 arithmetic
 is wrong; results are then cast back.
 """
@@ -83,11 +83,11 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             bias: torch.Tensor | None, temperature: float, need_entropy: bool):
     """hidden [N, H], weight [V, H], targets [N] (negative = ignored).
 
-    Returns (logp [N], state [2, N], entropy [N] or None) in fp32; logp is 0 where the target
-    is ignored; entropy is computed for every row (always, so that logp is bitwise the same
-    with and without it). state holds per row the raw logit maximum m and log2 of the scaled
-    sum-exp, lse = m / temperature + ln 2 * log2 s: what `backward` takes as its `lse`
-    (fp64 inputs go to the torch backend, whose lse is [N]).
+    Returns (logp [N], lse_state [2, N], entropy [N] or None) in fp32; logp is 0 where the
+    target is ignored; entropy is computed for every row (always, so that logp is bitwise the
+    same with and without it). lse_state holds per row the raw logit maximum m and log2 of
+    the scaled sum-exp, lse = m / temperature + ln 2 * log2 s: what `backward` takes
+    (fp64 inputs go to the torch backend, whose lse_state is the lse itself, [N]).
     """
     if hidden.dtype == torch.float64:
         return logprobs_torch.forward(hidden, weight, targets, bias, temperature, need_entropy)
@@ -97,10 +97,10 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     vocab = w.shape[0]
     dev = h.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(2, n, dtype=torch.float32, device=dev)
+    lse_state = torch.empty(2, n, dtype=torch.float32, device=dev)
     ent = torch.empty_like(logp)
     if n == 0:
-        return logp, lse, ent if need_entropy else None
+        return logp, lse_state, ent if need_entropy else None
     cfg = _config(h, vocab)
     t = cfg.fwd
     splits = triton.cdiv(vocab, cfg.v_split)
@@ -114,10 +114,10 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         HAS_BIAS=b is not None, BLOCK_N=t.m, BLOCK_V=t.n, BLOCK_K=t.k, GROUP_N=cfg.group,
         EVEN_K=hdim % t.k == 0, PRECISION=prec, num_warps=t.num_warps, num_stages=t.num_stages)
     lse_combine_kernel[(triton.cdiv(n, cfg.combine_rows),)](
-        part, h, w, b if b is not None else h, tg, logp, lse, ent,
+        part, h, w, b if b is not None else h, tg, logp, lse_state, ent,
         n, hdim, h.stride(0), w.stride(0), scale, splits,
         HAS_BIAS=b is not None, BLOCK_R=cfg.combine_rows, BLOCK_K=cfg.combine_k, num_warps=4)
-    return logp, lse, ent if need_entropy else None
+    return logp, lse_state, ent if need_entropy else None
 
 
 def _dz_scale(dtype, g, ge, entropy, temperature, dev):
@@ -151,18 +151,19 @@ def _num_sms(dev: torch.device) -> int:
 
 
 def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-             bias: torch.Tensor | None, temperature: float, lse: torch.Tensor,
+             bias: torch.Tensor | None, temperature: float, lse_state: torch.Tensor,
              entropy: torch.Tensor | None, grad_logp: torch.Tensor,
              grad_entropy: torch.Tensor | None, needs: tuple[bool, bool, bool]):
-    """Gradients of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. hidden, weight, bias.
+    """Gradients of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. hidden, weight, bias;
+    lse_state [2, N] from `forward` ([N] for fp64 inputs).
 
     dL/dz = [g (onehot(y) - p) - ge p (log p + H)] / temperature; rows with a negative target
     contribute nothing (their g and ge are taken as 0). Returns (dhidden, dweight, dbias) in
     the dtypes of the inputs, None where not needed. Deterministic (no atomics).
     """
     if hidden.dtype == torch.float64:
-        return logprobs_torch.backward(hidden, weight, targets, bias, temperature, lse, entropy,
-                                       grad_logp, grad_entropy, needs)
+        return logprobs_torch.backward(hidden, weight, targets, bias, temperature, lse_state,
+                                       entropy, grad_logp, grad_entropy, needs)
     need_h, need_w, need_b = needs
     need_b = need_b and bias is not None
     if not (need_h or need_w or need_b):
@@ -181,7 +182,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     g = grad_logp.to(torch.float32).contiguous()
     has_ge = grad_entropy is not None and entropy is not None
     ge = grad_entropy.to(torch.float32).contiguous() if has_ge else g
-    ent = entropy.contiguous() if has_ge else lse
+    ent = entropy.contiguous() if has_ge else lse_state
     dscale = _dz_scale(h.dtype, g, ge if has_ge else None, ent, temperature, dev)
     scale = LOG2E / float(temperature)
     inv_temp = 1.0 / float(temperature)
@@ -193,7 +194,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     t1, t2, t3 = cfg.dz, cfg.dw, cfg.dh
     num_m1 = triton.cdiv(n, t1.m)
     dz = torch.empty(n, slab, dtype=h.dtype, device=dev) if need_dz else h
-    dbp = torch.empty(num_m1, slab, dtype=torch.float32, device=dev) if need_b else lse
+    dbp = torch.empty(num_m1, slab, dtype=torch.float32, device=dev) if need_b else lse_state
     dh = torch.empty(n, hdim, dtype=h.dtype, device=dev) if need_h else None
     dh_acc = None
     if need_h:
@@ -215,7 +216,7 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         v0 = i * slab
         width = min(slab, vocab - v0)
         dlogits_kernel[(num_m1 * triton.cdiv(width, t1.n),)](
-            h, w, b if b is not None else h, tg, lse, ent, g, ge, dscale, dz, dbp,
+            h, w, b if b is not None else h, tg, lse_state, ent, g, ge, dscale, dz, dbp,
             n, vocab, hdim, h.stride(0), w.stride(0), v0, width, slab, scale, inv_temp,
             HAS_BIAS=b is not None, HAS_GE=has_ge, NEED_DZ=need_dz, NEED_DB=need_b,
             BLOCK_N=t1.m, BLOCK_V=t1.n, BLOCK_K=t1.k, EVEN_K=hdim % t1.k == 0,

@@ -1,4 +1,6 @@
-"""Public loss API: rank_grpo_loss (phase 2) and the fused hidden-states -> loss path."""
+"""Public loss API: rank_grpo_loss (phase 2), the fused hidden-states -> loss path, and the
+pieces of the contract a trainer shares with it: `loss_normalizer` (the denominator of
+docs/math.md section 7) and `metrics_from_sums` (section 9)."""
 
 from __future__ import annotations
 
@@ -16,17 +18,20 @@ from ._validate import (
     check_same_shape,
     check_tensor,
 )
+from .contract import ADVANTAGES_PER, LEVELS, LOSS_TYPES, check_delta
 from .linear_logprobs import linear_logprobs
 from .segment_stage import (
     ClipParams,
     SegmentStage,
-    metrics_from_stats,
+    metrics_from_sums,
     reference_stage,
+    sums_from_stats,
     torch_stage,
 )
-from .segments import LEVELS, gather_rank_advantages, level_segment_ids
+from .segments import level_segment_ids, token_advantages
 
-LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "rank")
+__all__ = ["LOSS_TYPES", "LinearRankGRPOLoss", "Prepared", "fused_linear_rank_grpo_loss",
+           "loss_normalizer", "metrics_from_sums", "prepare", "rank_grpo_loss"]
 
 
 @dataclass
@@ -47,12 +52,79 @@ def _as_2d(x: torch.Tensor | None) -> torch.Tensor | None:
     return x.unsqueeze(0) if x is not None and x.dim() == 1 else x
 
 
+def _bool_mask(name: str, mask: torch.Tensor, validate: bool) -> torch.Tensor:
+    """A bool copy of a bool or 0/1 mask; validate: anything else (0.5, 2) is an error."""
+    if mask.dtype == torch.bool:
+        return mask
+    if validate and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name} must be bool or hold only 0 and 1")
+    return mask != 0
+
+
+def loss_normalizer(mask: torch.Tensor, segment_ids: torch.Tensor | None, loss_type: str, *,
+                    num_segments: int | None = None,
+                    max_completion_length: int | None = None) -> torch.Tensor:
+    """The LOCAL denominator D of a loss type, docs/math.md section 7.
+
+    bnpo: masked tokens; grpo: rows; dr_grpo: rows x max_completion_length (default: the
+    padded length T); rank: non-empty (row, segment) pairs over masked tokens, the overflow
+    bin included.
+
+    Not clamped, so the sums over micro-batches and processes are exact; callers clamp the
+    total to >= 1 (`prepare` does, for a single call). No host sync.
+
+    Args:
+        mask: [B, T] (or [T]) bool or 0/1.
+        segment_ids: [B, T] integer segment ids (-1 padding), needed for loss_type="rank"
+            only.
+        loss_type: one of LOSS_TYPES.
+        num_segments: for "rank": ids >= num_segments count as the last segment (the
+            overflow bin); None: ids are taken as they are.
+        max_completion_length: for "dr_grpo", an int >= 1; default T.
+    Returns:
+        0-dim float64 tensor on mask's device.
+    """
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_tensor("mask", mask, ndims=(1, 2))
+    m = _as_2d(mask) != 0
+    b, t = m.shape
+    f64 = dict(dtype=torch.float64, device=m.device)
+    if loss_type == "bnpo":
+        return m.sum().to(torch.float64)
+    if loss_type == "grpo":
+        return torch.tensor(float(b), **f64)
+    if loss_type == "dr_grpo":
+        length = t if max_completion_length is None else max_completion_length
+        if max_completion_length is not None and not (
+                isinstance(length, int) and not isinstance(length, bool) and length >= 1):
+            raise ValueError(f"max_completion_length must be an int >= 1, got {length!r}")
+        return torch.tensor(float(b * length), **f64)
+    if segment_ids is None:
+        raise ValueError("loss_type='rank' needs segment_ids to count the (row, segment) "
+                         "pairs of the denominator")
+    check_same_shape("segment_ids", segment_ids, "mask", mask)
+    if m.numel() == 0:
+        return torch.zeros((), **f64)
+    seg = _as_2d(segment_ids).long()
+    if num_segments is not None:
+        seg = seg.clamp(max=int(num_segments) - 1)
+    # Distinct ids per row among masked tokens: sort, count the first of each run. A sort
+    # needs neither the number of segments nor a host sync.
+    top = torch.iinfo(torch.long).max
+    s = torch.where(m, seg, top).sort(dim=-1).values
+    first = s != top
+    first[:, 1:] &= s[:, 1:] != s[:, :-1]
+    return first.sum().to(torch.float64)
+
+
 def _num_segments(seg: torch.Tensor, mask: torch.Tensor, given: int | None,
                   adv_ranks: int | None, validate: bool) -> int:
     if given is not None:
         num = int(given)
     elif adv_ranks is not None:
         num = adv_ranks + 1  # ranks 0..N-1 plus the shared overflow bin N
+    elif seg.numel() == 0:
+        num = 1
     else:
         num = int(torch.where(mask, seg, -1).max().clamp(min=0)) + 1  # one host sync
     if validate:
@@ -66,15 +138,50 @@ def _num_segments(seg: torch.Tensor, mask: torch.Tensor, given: int | None,
     return num
 
 
+def _advantages_per(advantages: torch.Tensor, logp: torch.Tensor,
+                    segment_ids: torch.Tensor | None, given: str | None) -> str:
+    """What one advantage value belongs to; None infers it from the shape, refusing the one
+    ambiguous case (a [B, T] tensor with segment ids: per token, or per rank with N == T?)."""
+    b = 1 if logp.dim() == 1 else logp.shape[0]
+    t = logp.shape[-1]
+    a = tuple(advantages.shape)
+    expect = {"token": f"{tuple(logp.shape)}", "rank": f"[{b}, N]", "row": f"[{b}]"}
+    if given is not None:
+        check_choice("advantages_per", given, ADVANTAGES_PER)
+        ok = {"token": a == tuple(logp.shape),
+              "rank": (advantages.dim() == 2 and a[0] == b)
+              or (logp.dim() == 1 and advantages.dim() == 1),
+              "row": a == (b,) or (logp.dim() == 1 and advantages.dim() == 0)}[given]
+        if not ok:
+            raise ValueError(f"advantages has shape {a}; advantages_per={given!r} expects "
+                             f"{expect[given]}")
+        return given
+    if a == tuple(logp.shape):
+        if logp.dim() == 2 and segment_ids is not None:
+            raise ValueError(
+                f"advantages has shape {a}, the shape of logp: per token, or per rank with "
+                f"N == T = {t}? Pass advantages_per='token' or advantages_per='rank'")
+        return "token"
+    if logp.dim() == 2 and advantages.dim() == 1 and a[0] == b:
+        return "row"
+    if logp.dim() == 2 and advantages.dim() == 2 and a[0] == b:
+        return "rank"
+    raise ValueError(f"advantages has shape {a}; expected per token {expect['token']}, per "
+                     f"rank {expect['rank']} or per row {expect['row']} (or pass "
+                     f"advantages_per={list(ADVANTAGES_PER)})")
+
+
 def prepare(logp, old_logp, advantages, segment_ids, mask, *, ref_logp=None,
             level="rank", loss_type="bnpo", max_completion_length=None, normalizer=None,
-            num_segments=None, validate=True) -> Prepared:
+            num_segments=None, eos_mask=None, advantages_per=None,
+            validate=True) -> Prepared:
     """Validate and canonicalise the loss inputs: segment keys, per-token advantages and the
-    aggregation weight c_t of every token, so that loss = sum_t c_t l_t for every loss type.
+    aggregation weight c_t of every token, so that loss = sum_t c_t l_t for every loss type
+    (docs/math.md section 7).
 
     c_t = u_t / D with u_t = 1 (bnpo, dr_grpo), 1 / tokens in its row (grpo) or 1 / tokens in
-    its segment (rank), and D = masked tokens (bnpo), rows (grpo), rows x
-    max_completion_length (dr_grpo), non-empty (row, segment) pairs (rank), or `normalizer`.
+    its segment (rank), and D = `normalizer` or `loss_normalizer(...)` clamped to >= 1. Per-rank
+    advantages become per-token ones through `token_advantages` (docs/math.md section 5).
     """
     check_choice("level", level, LEVELS)
     check_choice("loss_type", loss_type, LOSS_TYPES)
@@ -88,37 +195,46 @@ def prepare(logp, old_logp, advantages, segment_ids, mask, *, ref_logp=None,
     if segment_ids is not None:
         check_tensor("segment_ids", segment_ids, dtypes=(torch.int64, torch.int32, torch.int16))
         check_same_shape("segment_ids", segment_ids, "logp", logp)
-    check_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, ndims=(1, 2))
+    if eos_mask is not None:
+        check_tensor("eos_mask", eos_mask)
+        check_same_shape("eos_mask", eos_mask, "logp", logp)
+    check_tensor("advantages", advantages, dtypes=FLOAT_DTYPES, ndims=(0, 1, 2))
+    if max_completion_length is not None and not (
+            isinstance(max_completion_length, int)
+            and not isinstance(max_completion_length, bool) and max_completion_length >= 1):
+        raise ValueError(f"max_completion_length must be an int >= 1, got "
+                         f"{max_completion_length!r}")
+    per = _advantages_per(advantages, logp, segment_ids, advantages_per)
 
     lp = _as_2d(logp)
     acc = torch.float64 if lp.dtype == torch.float64 else torch.float32
     lp = lp.to(acc)
     b, t = lp.shape
-    if mask.dtype != torch.bool:
-        if validate and bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("mask must be bool or hold only 0 and 1")
-        mask = mask != 0
-    m = _as_2d(mask)
+    m = _as_2d(_bool_mask("mask", mask, validate))
     old = lp.detach() if old_logp is None else _as_2d(old_logp).to(acc).detach()
     ref = None if ref_logp is None else _as_2d(ref_logp).to(acc).detach()
     seg = None if segment_ids is None else _as_2d(segment_ids).long()
+    eos = None if eos_mask is None else _as_2d(_bool_mask("eos_mask", eos_mask, validate))
 
-    # Advantages: per token [B, T], per rank [B, N] (N != T) or per row [B].
-    adv = advantages.to(acc)
+    # Advantages per token [B, T] (docs/math.md section 5).
     adv_ranks = None
-    if advantages.dim() == logp.dim() and tuple(advantages.shape) == tuple(logp.shape):
-        adv = _as_2d(adv)
-    elif advantages.dim() == 1 and logp.dim() == 2 and advantages.shape[0] == b:
-        adv = adv.unsqueeze(1).expand(b, t)
-    elif advantages.dim() == 2 and logp.dim() == 2 and advantages.shape[0] == b:
+    if per == "token":
+        adv = _as_2d(advantages).to(acc)
+    elif per == "row":
+        adv = advantages.to(acc).reshape(b, 1).expand(b, t)
+    else:
         if seg is None:
             raise ValueError(f"advantages of shape {tuple(advantages.shape)} are per rank and "
                              "need segment_ids to reach the tokens")
-        adv_ranks = advantages.shape[1]
-        adv = gather_rank_advantages(adv, seg)
-    else:
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected per token "
-                         f"{tuple(logp.shape)}, per rank [{b}, N] or per row [{b}]")
+        if eos is None:
+            raise ValueError(
+                "per-rank advantages need eos_mask ([B, T] bool, True at the EOS token of each "
+                "row that ended with EOS; all False if every row was truncated): without it "
+                "the EOS token is indistinguishable from a token of the last item, which "
+                "must get advantage 0 (see rankgrpo_kernels.eos_mask_from_ids)")
+        ranks = _as_2d(advantages)
+        adv_ranks = ranks.shape[1]
+        adv = token_advantages(ranks.to(acc), seg, m, eos)
 
     if validate:
         for name, x in (("logp", lp), ("old_logp", old), ("ref_logp", ref), ("advantages", adv)):
@@ -137,45 +253,39 @@ def prepare(logp, old_logp, advantages, segment_ids, mask, *, ref_logp=None,
     key = torch.where(m, rows * s_ratio + lvl.clamp(min=0), 0)
     num_keys = b * s_ratio
 
+    # The segments of the "rank" aggregation are the rank segments when there are any, else
+    # the level's (docs/math.md section 7).
+    agg_seg, agg_num = (seg, num_seg) if seg is not None else (lvl, s_ratio)
     mf = m.to(acc)
     if loss_type in ("bnpo", "dr_grpo"):
         u = mf
     elif loss_type == "grpo":
         u = mf / mf.sum(1, keepdim=True).clamp(min=1)
     else:  # rank: each non-empty (row, segment) pair weighs the same
-        if seg is not None:
-            agg_key = torch.where(m, rows * num_seg + seg.clamp(min=0), 0)
-            agg_keys = b * num_seg
-        else:
-            agg_key, agg_keys = key, num_keys
-        n = mf.new_zeros(agg_keys).index_add_(0, agg_key.reshape(-1), mf.reshape(-1))
+        agg_key = torch.where(m, rows * agg_num + agg_seg.clamp(min=0), 0)
+        n = mf.new_zeros(b * agg_num).index_add_(0, agg_key.reshape(-1), mf.reshape(-1))
         u = mf / n[agg_key].clamp(min=1)
     if normalizer is not None:
         denom = torch.as_tensor(normalizer, dtype=acc, device=lp.device)
         if validate and not bool(denom > 0):
             raise ValueError(f"normalizer must be > 0, got {float(denom)}")
-    elif loss_type == "bnpo":
-        denom = mf.sum().clamp(min=1)
-    elif loss_type == "grpo":
-        denom = torch.tensor(float(b), dtype=acc, device=lp.device)
-    elif loss_type == "dr_grpo":
-        length = t if max_completion_length is None else max_completion_length
-        if not (isinstance(length, int) and length >= 1):
-            raise ValueError(f"max_completion_length must be an int >= 1, got {length!r}")
-        denom = torch.tensor(float(b * length), dtype=acc, device=lp.device)
     else:
-        denom = (n > 0).sum().to(acc).clamp(min=1)
+        denom = loss_normalizer(m, agg_seg if loss_type == "rank" else None, loss_type,
+                                num_segments=agg_num if loss_type == "rank" else None,
+                                max_completion_length=max_completion_length)
+        denom = denom.clamp(min=1).to(acc)
     return Prepared(lp, old, ref, adv, key, num_keys, u / denom, m)
 
 
-def _clip_params(epsilon_low, epsilon_high, delta, beta) -> ClipParams:
+def _clip_params(epsilon_low, epsilon_high, delta, beta, has_ref: bool) -> ClipParams:
     check_nonneg("epsilon_low", epsilon_low)
     check_nonneg("epsilon_high", epsilon_high)
     check_nonneg("beta", beta)
-    if delta is not None and not delta > 0:
-        raise ValueError(f"delta must be > 0 (or None), got {delta}")
-    return ClipParams(float(epsilon_low), float(epsilon_high),
-                      None if delta is None else float(delta), float(beta))
+    delta = check_delta(delta)
+    if beta > 0 and not has_ref:
+        raise ValueError(f"beta={beta} > 0 needs ref_logp (the reference model's log-probs for "
+                         "the KL term); pass ref_logp, or beta=0 for no KL")
+    return ClipParams(float(epsilon_low), float(epsilon_high), delta, float(beta))
 
 
 def _stage_impl(name: str):
@@ -183,7 +293,7 @@ def _stage_impl(name: str):
         return torch_stage
     if name == "native":
         return importlib.import_module("rankgrpo_kernels.native").segment_stage
-    return importlib.import_module("rankgrpo_kernels.segment_triton").segment_stage
+    raise ValueError(f"no segment stage named {name!r}")  # backends.phase2_name never gives it
 
 
 def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
@@ -194,37 +304,59 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
                    max_completion_length: int | None = None,
                    normalizer: float | torch.Tensor | None = None,
                    num_segments: int | None = None, entropy: torch.Tensor | None = None,
-                   backend: str = "auto", validate: bool = True):
-    """Rank-GRPO / GRPO / GSPO clipped surrogate loss from per-token log-probs (SPEC 6-7).
+                   eos_mask: torch.Tensor | None = None, advantages_per: str | None = None,
+                   return_sums: bool = False, backend: str = "auto", validate: bool = True,
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rank-GRPO / GRPO / GSPO clipped surrogate loss from per-token log-probs
+    (docs/math.md sections 5-7).
 
     w_k = exp(mean_{t in k} (logp_t - old_logp_t)) over the tokens of segment k (the level
     picks the segments: "token" each token, "sequence" each row, "rank" `segment_ids`);
-    l_t = -min(w A_t, clip(w, 1 - epsilon_low, 1 + epsilon_high) A_t) + beta KL_t,
-    loss = sum_t c_t l_t with c_t from `loss_type` (see `prepare`).
+    l_t = -min(min(w, delta) A_t, clip(w, 1 - epsilon_low, 1 + epsilon_high) A_t) + beta KL_t,
+    loss = sum_t c_t l_t with c_t from `loss_type` (see `prepare`, `loss_normalizer`).
 
     Args:
         logp: [B, T] or [T] float log-probs of the sampled tokens (differentiable).
         old_logp: same shape, or None for on-policy (then w == 1 exactly).
-        advantages: per token [B, T], per rank [B, N] (gathered through segment_ids; the
-            overflow bin gets 0) or per row [B].
-        segment_ids: [B, T] long, -1 on padding, N = the shared overflow bin; needed for
-            level="rank" and for per-rank advantages.
+        advantages: float, per token [B, T], per rank [B, N] (through `token_advantages`:
+            item tokens get A[b, seg], overflow tokens and the EOS token 0) or per row [B]
+            (every masked token, EOS included). See `advantages_per`.
+        segment_ids: [B, T] integer, 0..N-1 items, N the shared overflow bin, -1 padding;
+            needed for level="rank", loss_type="rank" and per-rank advantages.
         mask: [B, T] bool or 0/1, the completion tokens that count.
-        ref_logp: log-probs of the frozen reference model, for the k3 KL when beta > 0.
-        normalizer: overrides the loss type's denominator (e.g. the global token count across
-            gradient accumulation and data-parallel ranks).
+        ref_logp: log-probs of the frozen reference model; required when beta > 0 (k3 KL).
+        beta, epsilon_low, epsilon_high: KL weight and clip range (all >= 0).
+        delta: None, or a cap > 1 on the ratio of the unclipped term (`check_delta`).
+        level: one of LEVELS; loss_type: one of LOSS_TYPES.
+        max_completion_length: dr_grpo's length (default T).
+        normalizer: overrides the loss type's denominator (e.g. the sum of `loss_normalizer`
+            over gradient accumulation and data-parallel processes). Must be > 0.
+        num_segments: segments per row incl. the overflow bin (N + 1); default N + 1 from
+            per-rank advantages, else inferred from segment_ids (one host sync).
         entropy: optional [B, T] per-token entropy, reported as the "entropy" metric.
-        backend: "auto", "reference" (autograd of the expression), "torch" (closed form),
-            "triton" or "native" (closed form in a kernel / the C++ op library).
-        validate: check shapes, values and finiteness (costs a few host syncs).
+        eos_mask: [B, T] bool, True at the EOS token of each row that ended with EOS (see
+            `eos_mask_from_ids`; all False when every row was truncated). Required with
+            per-rank advantages, ignored otherwise.
+        advantages_per: "token" | "rank" | "row" (ADVANTAGES_PER), or None to infer it from
+            the shape; a [B, T] tensor with segment_ids is ambiguous (per rank with N == T?)
+            and raises unless this is given.
+        return_sums: return raw 0-dim sums (`SUM_KEYS`) instead of means, to be added up
+            over micro-batches / processes and turned into means by `metrics_from_sums`.
+        backend: one of BACKENDS: "auto", "reference" (autograd of the expression), "torch"
+            (closed form), "triton" (phase 1 only; its segment stage is torch's) or "native"
+            (the C++/CUDA op library).
+        validate: check shapes, values and finiteness (costs host syncs). With
+            validate=False and num_segments known, the loss makes no host sync.
     Returns:
-        (loss 0-dim tensor, metrics: dict of detached 0-dim tensors).
+        (loss 0-dim tensor (float32, float64 for float64 logp), metrics: dict of detached
+        0-dim tensors: the means of `metrics_from_sums`, or with return_sums the sums).
     """
-    params = _clip_params(epsilon_low, epsilon_high, delta, beta)
+    params = _clip_params(epsilon_low, epsilon_high, delta, beta, ref_logp is not None)
     prep = prepare(logp, old_logp, advantages, segment_ids, mask, ref_logp=ref_logp,
                    level=level, loss_type=loss_type,
                    max_completion_length=max_completion_length, normalizer=normalizer,
-                   num_segments=num_segments, validate=validate)
+                   num_segments=num_segments, eos_mask=eos_mask,
+                   advantages_per=advantages_per, validate=validate)
     name = backends.phase2_name(backend, prep.logp.device)
     args = (prep.logp, prep.old_logp, prep.ref_logp, prep.adv, prep.key, prep.num_keys,
             prep.c, prep.mask)
@@ -232,12 +364,13 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
         loss, stats = reference_stage(*args, params)
     else:
         loss, stats = SegmentStage.apply(*args, params, _stage_impl(name))
-    ent = None
+    entropy_sum = None
     if entropy is not None:
         check_same_shape("entropy", entropy, "logp", logp)
         e = _as_2d(entropy).detach().to(prep.logp.dtype)
-        ent = torch.where(prep.mask, e, 0).sum() / prep.mask.sum().clamp(min=1)
-    return loss, metrics_from_stats(stats, ent)
+        entropy_sum = torch.where(prep.mask, e, 0).sum()
+    sums = sums_from_stats(stats, entropy_sum)
+    return loss, (sums if return_sums else metrics_from_sums(sums))
 
 
 def fused_linear_rank_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor,
@@ -245,25 +378,39 @@ def fused_linear_rank_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor,
                                 advantages: torch.Tensor, segment_ids: torch.Tensor | None,
                                 mask: torch.Tensor, *, bias: torch.Tensor | None = None,
                                 temperature: float = 1.0, ignore_index: int = -100,
-                                compute_entropy: bool = True, backend: str = "auto",
-                                validate: bool = True, **loss_kwargs):
+                                compute_entropy: bool = True,
+                                eos_mask: torch.Tensor | None = None,
+                                advantages_per: str | None = None, return_sums: bool = False,
+                                backend: str = "auto", validate: bool = True,
+                                **loss_kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss straight from hidden states and the LM head, never materialising logits.
 
-    hidden [B, T, H] (or [T, H]) aligned with targets [B, T]; weight [V, H]; bias [V] or None.
-    Other arguments as `rank_grpo_loss` (its keywords pass through). Tokens whose target is
-    `ignore_index` are masked out. Returns (loss, metrics) and is differentiable w.r.t.
-    hidden, weight and bias. metrics["entropy"] comes from the same fused pass.
+    hidden [B, T, H] (or [T, H]) aligned with targets [B, T] (integer); weight [V, H]; bias
+    [V] or None. Other arguments as `rank_grpo_loss` (its keywords pass through). Tokens whose
+    target is `ignore_index` are masked out; hidden rows of masked-out tokens may hold
+    anything (NaN, inf): they are replaced by 0 before the matmul and get a zero gradient.
+    Returns (loss, metrics) and is differentiable w.r.t. hidden, weight and bias;
+    metrics["entropy"] (or "entropy_sum") comes from the same fused pass.
     """
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, ndims=(2, 3))
+    check_tensor("targets", targets, dtypes=(torch.int64, torch.int32), ndims=(1, 2))
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected "
+                         f"{tuple(hidden.shape[:-1])} (hidden's leading dims)")
+    check_tensor("mask", mask, ndims=(1, 2))
+    if tuple(mask.shape) != tuple(targets.shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(targets.shape)}")
+    mask = _bool_mask("mask", mask, validate) & (targets != ignore_index)
+    # Masked-out tokens become ignored targets: linear_logprobs zeroes their hidden rows.
+    targets = torch.where(mask, targets, torch.full_like(targets, ignore_index))
     out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                           ignore_index=ignore_index, return_entropy=compute_entropy,
                           backend=backend, validate=validate)
     logp, entropy = out if compute_entropy else (out, None)
-    if tuple(mask.shape) != tuple(targets.shape):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(targets.shape)}")
-    mask = (mask != 0) & (targets != ignore_index)
     return rank_grpo_loss(logp, old_logp, advantages, segment_ids, mask,
-                          entropy=entropy, backend=backend,
-                          validate=validate, **loss_kwargs)
+                          entropy=entropy, eos_mask=eos_mask, advantages_per=advantages_per,
+                          return_sums=return_sums, backend=backend, validate=validate,
+                          **loss_kwargs)
 
 
 class LinearRankGRPOLoss(torch.nn.Module):
@@ -274,7 +421,8 @@ class LinearRankGRPOLoss(torch.nn.Module):
         self.options = options
 
     def forward(self, hidden, weight, targets, old_logp, advantages, segment_ids, mask,
-                bias=None, ref_logp=None, normalizer=None):
+                bias=None, ref_logp=None, normalizer=None, eos_mask=None):
         return fused_linear_rank_grpo_loss(hidden, weight, targets, old_logp, advantages,
                                            segment_ids, mask, bias=bias, ref_logp=ref_logp,
-                                           normalizer=normalizer, **self.options)
+                                           normalizer=normalizer, eos_mask=eos_mask,
+                                           **self.options)

@@ -6,7 +6,7 @@ token, sequence and rank level and all loss types are one computation.
 
 Two implementations live here and must agree: `reference_stage`, the loss written as an
 expression and differentiated by autograd (the oracle), and `torch_stage`, the closed form
-of SPEC section 7 that a fused kernel needs. The native extension and any Triton segment
+of docs/math.md section 7 that a fused kernel needs. The native extension and any Triton segment
 kernel implement `torch_stage`'s contract.
 """
 
@@ -33,36 +33,89 @@ def _segment_sum(values: torch.Tensor, key: torch.Tensor, num_keys: int) -> torc
 
 
 def _stats(w, adv, kl, mask, p: ClipParams) -> torch.Tensor:
-    """[7] vector of STAT_NAMES over masked tokens (detached)."""
+    """[7] vector of STAT_NAMES over masked tokens (detached); min/max of no token: +-inf."""
     w, adv = w.detach(), adv.detach()
     m = mask
     low = m & (w < 1 - p.epsilon_low) & (adv < 0)
     high = m & (w > 1 + p.epsilon_high) & (adv > 0)
-    inf = torch.full_like(w, float("inf"))
+    inf = w.new_full((1,), float("inf"))
     kl_sum = (torch.where(m, kl.detach(), 0).sum() if kl is not None else w.new_zeros(()))
+    # The appended +-inf makes min/max of an empty batch (B = 0 or T = 0) well defined.
     return torch.stack([
         m.sum().to(w.dtype), low.sum().to(w.dtype), high.sum().to(w.dtype),
-        torch.where(m, w, 0).sum(), torch.where(m, w, inf).min(), torch.where(m, w, -inf).max(),
+        torch.where(m, w, 0).sum(),
+        torch.cat([torch.where(m, w, inf).reshape(-1), inf]).min(),
+        torch.cat([torch.where(m, w, -inf).reshape(-1), -inf]).max(),
         kl_sum,
     ])
 
 
-def metrics_from_stats(stats: torch.Tensor, entropy_mean: torch.Tensor | None = None) -> dict:
-    """Metric names follow TRL's GRPOTrainer where it has the same quantity."""
-    count, low, high, wsum, wmin, wmax, kl = stats.detach().unbind()
+# Raw metric sums (docs/math.md section 9), and how each combines across micro-batches and
+# processes: "sum" adds, "min"/"max" take the extreme (an empty batch holds +inf / -inf).
+SUM_KEYS = ("num_tokens", "clip_low", "clip_high", "ratio_sum", "ratio_min", "ratio_max",
+            "kl_sum", "entropy_sum")
+SUM_REDUCTIONS = {k: "sum" for k in SUM_KEYS} | {"ratio_min": "min", "ratio_max": "max"}
+
+
+def sums_from_stats(stats: torch.Tensor, entropy_sum: torch.Tensor | None = None) -> dict:
+    """The stage's [7] stats vector (STAT_NAMES order) -> dict of detached 0-dim sums keyed by
+    SUM_KEYS ("entropy_sum" only when given)."""
+    vals = stats.detach().unbind()
+    out = dict(zip(SUM_KEYS[:7], vals))
+    if entropy_sum is not None:
+        out["entropy_sum"] = entropy_sum.detach().to(stats.dtype)
+    return out
+
+
+def reduce_sums(parts) -> dict:
+    """Combine metric sums of several micro-batches (an iterable of `SUM_KEYS` dicts) by
+    SUM_REDUCTIONS; a key missing from any part is left out. No host sync."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("reduce_sums needs at least one dict of sums")
+    out = {}
+    for k in SUM_KEYS:
+        if all(k in p for p in parts):
+            v = torch.stack([torch.as_tensor(p[k]).reshape(()) for p in parts])
+            out[k] = {"sum": v.sum, "min": v.min, "max": v.max}[SUM_REDUCTIONS[k]]()
+    return out
+
+
+def metrics_from_sums(sums: dict) -> dict:
+    """Metric sums (`SUM_KEYS`, possibly added up over micro-batches or all-reduced with
+    SUM_REDUCTIONS) -> the logged means, docs/math.md section 9. Names follow TRL's
+    GRPOTrainer where it has the same quantity:
+
+    clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean (fractions of masked
+    tokens), importance_ratio/mean|min|max (1 when there is no token), kl (mean k3 KL),
+    entropy (mean; only with "entropy_sum"), num_tokens. Values are 0-dim tensors.
+    """
+    missing = [k for k in SUM_KEYS[:7] if k not in sums]
+    if missing:
+        raise ValueError(f"metrics_from_sums: missing keys {missing}; expected {list(SUM_KEYS)}")
+    g = {k: torch.as_tensor(v).detach() for k, v in sums.items()}
+    count = g["num_tokens"]
     n = count.clamp(min=1)
     some = count > 0
-    one = torch.ones_like(count)
+    one = torch.ones_like(g["ratio_sum"])
     out = {
-        "clip_ratio/low_mean": low / n,
-        "clip_ratio/high_mean": high / n,
-        "clip_ratio/region_mean": (low + high) / n,
-        "importance_ratio/mean": torch.where(some, wsum / n, one),
-        "importance_ratio/min": torch.where(some, wmin, one),
-        "importance_ratio/max": torch.where(some, wmax, one),
-        "kl": kl / n,
+        "clip_ratio/low_mean": g["clip_low"] / n,
+        "clip_ratio/high_mean": g["clip_high"] / n,
+        "clip_ratio/region_mean": (g["clip_low"] + g["clip_high"]) / n,
+        "importance_ratio/mean": torch.where(some, g["ratio_sum"] / n, one),
+        "importance_ratio/min": torch.where(some, g["ratio_min"], one),
+        "importance_ratio/max": torch.where(some, g["ratio_max"], one),
+        "kl": g["kl_sum"] / n,
         "num_tokens": count,
     }
+    if "entropy_sum" in g:
+        out["entropy"] = g["entropy_sum"] / n
+    return out
+
+
+def metrics_from_stats(stats: torch.Tensor, entropy_mean: torch.Tensor | None = None) -> dict:
+    """Means from one stage's stats vector (kept for callers of the old name)."""
+    out = metrics_from_sums(sums_from_stats(stats))
     if entropy_mean is not None:
         out["entropy"] = entropy_mean.detach()
     return out

@@ -12,7 +12,8 @@ def make_batch(rng: torch.Generator, *, B=4, T=13, H=16, V=37, num_ranks=3,
                ratio_noise=0.08, pad=True):
     """Inputs for the fused loss: hidden [B,T,H], weight [V,H], targets, mask with ragged
     padding, segment ids from a random newline table (incl. overflow), per-rank advantages,
-    old/ref log-probs as small perturbations of the true ones."""
+    eos_mask (True at the last masked token of rows that ended with EOS), old/ref log-probs
+    as small perturbations of the true ones."""
     hidden = torch.randn(B, T, H, generator=rng, dtype=torch.float64)
     weight = torch.randn(V, H, generator=rng, dtype=torch.float64) / H ** 0.5 * 2
     b = torch.randn(V, generator=rng, dtype=torch.float64) if bias else None
@@ -23,6 +24,10 @@ def make_batch(rng: torch.Generator, *, B=4, T=13, H=16, V=37, num_ranks=3,
     newline_table = (torch.rand(V, generator=rng) < 0.25).long()
     newline_table[torch.randint(0, V, (2,), generator=rng)] = 2  # merged "\n\n" tokens
     seg = segment_ids_from_newlines(targets, mask, newline_table, num_ranks)
+    # Rows shorter than T ended with EOS at their last masked token; a full row may have been
+    # truncated or may have ended exactly at T (a coin flip).
+    ended = (lengths < T) | (torch.rand(B, generator=rng) < 0.5)
+    eos_mask = (torch.arange(T).unsqueeze(0) == (lengths - 1).unsqueeze(1)) & ended.unsqueeze(1)
     adv = torch.randn(B, num_ranks, generator=rng, dtype=torch.float64)
     with torch.no_grad():
         z = hidden @ weight.t() + (b if b is not None else 0)
@@ -37,7 +42,7 @@ def make_batch(rng: torch.Generator, *, B=4, T=13, H=16, V=37, num_ranks=3,
 
     return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(b), targets=targets,
                 mask=mask, segment_ids=seg, advantages=adv, old_logp=old, ref_logp=ref,
-                num_ranks=num_ranks)
+                eos_mask=eos_mask, num_ranks=num_ranks)
 
 
 def run_fused(batch, backend, *, grads=True, **kw):
@@ -47,6 +52,7 @@ def run_fused(batch, backend, *, grads=True, **kw):
     leaves = {k: batch[k].detach().clone().requires_grad_(grads)
               for k in ("hidden", "weight", "bias") if batch[k] is not None}
     ref_logp = kw.pop("ref_logp", batch["ref_logp"])
+    kw.setdefault("eos_mask", batch.get("eos_mask"))
     loss, metrics = fused_linear_rank_grpo_loss(
         leaves["hidden"], leaves["weight"], batch["targets"], batch["old_logp"],
         batch["advantages"], batch["segment_ids"], batch["mask"], bias=leaves.get("bias"),

@@ -87,9 +87,11 @@ def test_rank_level_rank_loss_with_kl(backend):
     seg = torch.tensor([[0, 0, 1, 2]])
     adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
     mask = torch.ones(1, 4, dtype=torch.bool)
+    # The row was truncated (it overflows): no EOS token.
     loss, met = rank_grpo_loss(logp, old, adv, seg, mask, ref_logp=ref, beta=0.1,
                                level="rank", loss_type="rank", epsilon_low=0.2,
-                               epsilon_high=0.2, backend=backend)
+                               epsilon_high=0.2, eos_mask=torch.zeros_like(mask),
+                               backend=backend)
     assert loss.item() == pytest.approx((-0.4 + 0.05 * LN2) / 3, abs=1e-12)
     torch.testing.assert_close(
         _grad(loss, logp), torch.tensor([[0.0, -1 / 60, 1 / 60, 0.0]], dtype=torch.float64),

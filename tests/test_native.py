@@ -18,10 +18,9 @@ import sys
 import pytest
 import torch
 
-from rankgrpo_kernels import fused_linear_rank_grpo_loss, native, rank_grpo_loss
-from rankgrpo_kernels.loss import LOSS_TYPES, prepare
+from rankgrpo_kernels import LEVELS, LOSS_TYPES, fused_linear_rank_grpo_loss, native, rank_grpo_loss
+from rankgrpo_kernels.loss import prepare
 from rankgrpo_kernels.segment_stage import ClipParams, reference_stage, torch_stage
-from rankgrpo_kernels.segments import LEVELS
 
 pytestmark = pytest.mark.skipif(
     not native.available(),
@@ -66,14 +65,21 @@ def make_batch(rng, dtype, *, b=4, t=37, ranks=5, on_policy=False, adv_per_token
         adv = torch.randn(b, t, generator=rng, dtype=dtype)
     else:
         adv = torch.randn(b, ranks, generator=rng, dtype=dtype)
-    out = dict(logp=logp, old_logp=old, ref_logp=ref, advantages=adv, segment_ids=seg, mask=mask)
-    return {k: (v.to(device) if v is not None else None) for k, v in out.items()}
+    # Rows that stop before t ended with EOS at their last position (when it is masked).
+    eos = (torch.arange(t).unsqueeze(0) == (lengths - 1).unsqueeze(1)) & mask
+    eos &= (lengths < t).unsqueeze(1)
+    out = dict(logp=logp, old_logp=old, ref_logp=ref, advantages=adv, segment_ids=seg, mask=mask,
+               eos_mask=eos)
+    out = {k: (v.to(device) if v is not None else None) for k, v in out.items()}
+    out["advantages_per"] = "token" if adv_per_token else "rank"
+    return out
 
 
 def stage_args(batch, level, loss_type, beta):
     prep = prepare(batch["logp"], batch["old_logp"], batch["advantages"], batch["segment_ids"],
                    batch["mask"], ref_logp=batch["ref_logp"] if beta else None, level=level,
-                   loss_type=loss_type)
+                   loss_type=loss_type, eos_mask=batch["eos_mask"],
+                   advantages_per=batch["advantages_per"])
     return (prep.logp, prep.old_logp, prep.ref_logp, prep.adv, prep.key, prep.num_keys,
             prep.c, prep.mask)
 
@@ -152,7 +158,7 @@ def tie_batch(rng, dtype, b=3, t=24, seg_len=4):
     mask[-1, -3:] = False
     seg = torch.where(mask, seg, -1)
     return dict(logp=logp, old_logp=logp - lr, ref_logp=logp - 1 / 16, advantages=adv,
-                segment_ids=seg, mask=mask)
+                segment_ids=seg, mask=mask, eos_mask=None, advantages_per="token")
 
 
 def torch_ratios(args):
@@ -303,7 +309,9 @@ def public_loss(batch, backend, level, loss_type, beta, delta):
     loss, metrics = rank_grpo_loss(logp, batch["old_logp"], batch["advantages"],
                                    batch["segment_ids"], batch["mask"],
                                    ref_logp=batch["ref_logp"], beta=beta, delta=delta,
-                                   level=level, loss_type=loss_type, backend=backend)
+                                   level=level, loss_type=loss_type, backend=backend,
+                                   eos_mask=batch["eos_mask"],
+                                   advantages_per=batch["advantages_per"])
     (g,) = torch.autograd.grad(loss, logp)
     return loss.detach(), g, metrics
 
@@ -342,7 +350,7 @@ def fused_case(rng, dtype, backend, *, b=3, t=19, h=16, v=50, level="rank", loss
     loss, metrics = fused_linear_rank_grpo_loss(
         hidden, weight, targets, old, batch["advantages"], batch["segment_ids"], batch["mask"],
         bias=bias, temperature=0.9, ref_logp=batch["ref_logp"], beta=0.04, delta=1.3,
-        level=level, loss_type=loss_type, backend=backend)
+        level=level, loss_type=loss_type, backend=backend, eos_mask=batch["eos_mask"])
     grads = torch.autograd.grad(loss, (hidden, weight, bias))
     return loss.detach(), grads, metrics
 

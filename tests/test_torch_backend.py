@@ -7,10 +7,13 @@ import torch
 from _factory import make_batch, run_fused
 
 import rankgrpo_kernels.logprobs_torch as lt
-from rankgrpo_kernels import fused_linear_rank_grpo_loss, linear_logprobs, rank_grpo_loss
-
-LOSS_TYPES = ["bnpo", "grpo", "dr_grpo", "rank"]
-LEVELS = ["token", "sequence", "rank"]
+from rankgrpo_kernels import (
+    LEVELS,
+    LOSS_TYPES,
+    fused_linear_rank_grpo_loss,
+    linear_logprobs,
+    rank_grpo_loss,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +92,8 @@ def test_gradcheck_through_fused_loss(rng):
         return fused_linear_rank_grpo_loss(
             h, w, batch["targets"], batch["old_logp"], batch["advantages"],
             batch["segment_ids"], batch["mask"], bias=b, ref_logp=batch["ref_logp"], beta=0.1,
-            temperature=1.3, num_segments=batch["num_ranks"] + 1, backend="torch")[0]
+            temperature=1.3, num_segments=batch["num_ranks"] + 1, eos_mask=batch["eos_mask"],
+            backend="torch")[0]
 
     assert torch.autograd.gradcheck(f, (h, w, b), eps=1e-6, atol=1e-7)
 
@@ -177,11 +181,12 @@ def test_empty_and_length_one_segments(rng):
     seg = torch.tensor([[0, 2, 2, 2, 5, -1], [1, 1, 3, 4, 4, 4]])  # 1 and 3 empty in row 0
     mask = seg >= 0
     adv = torch.randn(2, 5, generator=rng, dtype=torch.float64)
+    eos = torch.zeros_like(mask)  # truncated rows: no EOS token
     for lt_ in LOSS_TYPES:
         outs = []
         for backend in ("reference", "torch"):
             loss, _ = rank_grpo_loss(logp, old, adv, seg, mask, loss_type=lt_,
-                                     backend=backend)
+                                     eos_mask=eos, backend=backend)
             outs.append((loss, torch.autograd.grad(loss, logp)[0]))
         torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-12)
         torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=1e-12)

@@ -23,6 +23,9 @@ def _inputs():
     return h, w, y, m, seg, adv
 
 
+EOS = torch.tensor([[0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)  # row 1 truncated
+
+
 @pytest.mark.parametrize("mutate,exc,words", [
     (lambda a: a.update(w=torch.randn(11, 7)), ValueError, "weight"),
     (lambda a: a.update(w=a["w"].double()), TypeError, "dtype"),
@@ -54,7 +57,7 @@ def test_fused_loss_rejects(mutate, exc, words):
     mutate(a)
     with pytest.raises(exc) as info:
         fused_linear_rank_grpo_loss(a["h"], a["w"], a["y"], None, a["adv"], a["seg"], a["m"],
-                                    **a["kw"])
+                                    **{"eos_mask": EOS, **a["kw"]})
     assert words in str(info.value)
 
 
@@ -63,7 +66,7 @@ def test_ignore_index_is_masked_out():
     y[0, 4] = -100
     logp = linear_logprobs(h, w, y)
     assert logp[0, 4].item() == 0.0
-    loss, met = fused_linear_rank_grpo_loss(h, w, y, None, adv, seg, m)
+    loss, met = fused_linear_rank_grpo_loss(h, w, y, None, adv, seg, m, eos_mask=EOS)
     assert met["num_tokens"].item() == 9
     assert torch.isfinite(loss)
 
