@@ -367,3 +367,137 @@ def gamma_weights(adv, logp, old_logp, mask, is_ratio, k_pos=2.0, lambda_pos=3.0
     lam = torch.where(nonneg, lambda_pos, lambda_neg).to(logp.dtype).clamp(min=1e-4)
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+# ---------------------------------------------------------------- keywords -> options
+
+# loss_type -> (aggregation of loss.prepare, default surrogate); docs/math.md section 7.1.
+# "dapo" is bnpo: its global token count is the `normalizer` keyword (TRL's num_items_in_batch).
+LOSS_TYPE_TABLE = {
+    "bnpo": ("bnpo", "clip"),
+    "grpo": ("grpo", "clip"),
+    "dr_grpo": ("dr_grpo", "clip"),
+    "rank": ("rank", "clip"),
+    "dapo": ("bnpo", "clip"),
+    "luspo": ("luspo", "clip"),
+    "cispo": ("bnpo", "cispo"),
+    "sapo": ("grpo", "sapo"),
+    "vespo": ("bnpo", "vespo"),
+}
+# options only the plain stage of the native op library implements (the rest raise there)
+NATIVE_UNSUPPORTED = ("surrogate", "kl_estimator", "use_bias_correction_kl", "clip_ratio_c",
+                      "log_ratio_clamp", "off_policy_mask_threshold", "top_entropy_quantile",
+                      "importance_sampling_mode")
+
+
+def make_variant(loss_type: str, *, surrogate: str | None = None, kl_estimator: str = "k3",
+                 use_bias_correction_kl: bool = False, sapo_temperature_pos: float = 1.0,
+                 sapo_temperature_neg: float = 1.05, clip_ratio_c: float | None = None,
+                 log_ratio_clamp=None, delta: float | None = None) -> Variant:
+    """Validate the variant keywords of rank_grpo_loss and build the stage's Variant."""
+    if loss_type not in LOSS_TYPE_TABLE:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {list(LOSS_TYPE_TABLE)}")
+    if surrogate is None:
+        surrogate = LOSS_TYPE_TABLE[loss_type][1]
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate={surrogate!r} is not one of {list(SURROGATES)}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator={kl_estimator!r} is not one of {list(KL_ESTIMATORS)}")
+    for name, t in (("sapo_temperature_pos", sapo_temperature_pos),
+                    ("sapo_temperature_neg", sapo_temperature_neg)):
+        if not (isinstance(t, (int, float)) and t > 0):
+            raise ValueError(f"{name} must be a number > 0, got {t!r}")
+    if clip_ratio_c is not None:
+        if surrogate != "clip":
+            raise ValueError(f"clip_ratio_c (verl's dual clip) applies to surrogate='clip' only, "
+                             f"got surrogate={surrogate!r}")
+        if delta is not None:
+            raise ValueError("pass either delta (TRL's two-sided clip) or clip_ratio_c (verl's "
+                             "dual clip, A < 0 only), not both")
+        if not clip_ratio_c > 1:
+            raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
+        clip_ratio_c = float(clip_ratio_c)
+    clamp = None
+    if log_ratio_clamp is not None:
+        if isinstance(log_ratio_clamp, (int, float)):
+            clamp = (-float(log_ratio_clamp), float(log_ratio_clamp))
+        elif isinstance(log_ratio_clamp, (tuple, list)) and len(log_ratio_clamp) == 2:
+            lo, hi = log_ratio_clamp
+            clamp = (-math.inf if lo is None else float(lo), math.inf if hi is None else float(hi))
+        else:
+            raise ValueError("log_ratio_clamp must be a number c (clamp to [-c, c]) or a pair "
+                             f"(lo, hi) with None for no bound, got {log_ratio_clamp!r}")
+        if not clamp[0] <= clamp[1]:
+            raise ValueError(f"log_ratio_clamp needs lo <= hi, got {log_ratio_clamp!r}")
+    return Variant(surrogate=surrogate, kl_estimator=kl_estimator,
+                   use_bias_correction_kl=bool(use_bias_correction_kl),
+                   sapo_temperature_pos=float(sapo_temperature_pos),
+                   sapo_temperature_neg=float(sapo_temperature_neg),
+                   clip_ratio_c=clip_ratio_c, log_ratio_clamp=clamp)
+
+
+def detached_weights(surrogate: str, logp, old_logp, adv, mask, *, sampling_logp=None,
+                     entropy=None, off_policy_mask_threshold: float | None = None,
+                     top_entropy_quantile: float = 1.0,
+                     importance_sampling_mode: str | None = None,
+                     importance_sampling_clip_min: float | None = None,
+                     importance_sampling_clip_max: float | None = 3.0,
+                     vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+                     vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
+    """The detached per-token weights of the policy term, from canonical [B, T] inputs.
+
+    Returns (rho or None, phi or None, entropy_mask or None): rho = off-policy mask x
+    entropy mask x sampler importance weight (the last not for vespo, whose phi holds it),
+    phi = VESPO's gamma weight (surrogate "vespo" only).
+    """
+    rho = None
+
+    def times(a, b):
+        return b if a is None else a * b
+
+    if off_policy_mask_threshold is not None:
+        if not isinstance(off_policy_mask_threshold, (int, float)):
+            raise ValueError("off_policy_mask_threshold must be a number (or None), got "
+                             f"{off_policy_mask_threshold!r}")
+        source = old_logp if sampling_logp is None else sampling_logp
+        rho = off_policy_mask(adv, logp, source, mask, float(off_policy_mask_threshold))
+    ent_mask = None
+    if not (isinstance(top_entropy_quantile, (int, float)) and 0 < top_entropy_quantile <= 1):
+        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile!r}")
+    if top_entropy_quantile < 1:
+        if entropy is None:
+            raise ValueError("top_entropy_quantile < 1 needs the per-token entropy: pass "
+                             "entropy= (fused_linear_rank_grpo_loss does, unless "
+                             "compute_entropy=False)")
+        ent_mask = high_entropy_mask(entropy, mask, float(top_entropy_quantile))
+        rho = times(rho, ent_mask.to(logp.dtype))
+    is_ratio = None
+    if importance_sampling_mode is not None:
+        if sampling_logp is None:
+            raise ValueError(f"importance_sampling_mode={importance_sampling_mode!r} needs "
+                             "sampling_logp (the sampler's per-token log-probs)")
+        lo, hi = importance_sampling_clip_min, importance_sampling_clip_max
+        if lo is not None and hi is not None and not lo <= hi:
+            raise ValueError(f"importance_sampling_clip_min ({lo}) must be <= "
+                             f"importance_sampling_clip_max ({hi})")
+        if surrogate == "vespo" and importance_sampling_mode.startswith("sequence"):
+            raise ValueError("surrogate 'vespo' takes token-level sampler weights only: "
+                             "importance_sampling_mode must be 'token_truncate' or 'token_mask', "
+                             f"got {importance_sampling_mode!r}")
+        is_ratio = sampling_is_ratio(old_logp, sampling_logp, mask, importance_sampling_mode,
+                                     lo, hi)
+        if surrogate != "vespo":
+            rho = times(rho, is_ratio)
+    phi = None
+    if surrogate == "vespo":
+        phi = gamma_weights(adv, logp, old_logp, mask, is_ratio, vespo_k_pos, vespo_lambda_pos,
+                            vespo_k_neg, vespo_lambda_neg)
+    return rho, phi, ent_mask
+
+
+def entropy_bonus(entropy, mask, entropy_mask=None):
+    """Mean entropy over the tokens the policy term acts on (mask, and the entropy mask when
+    top_entropy_quantile < 1), differentiable: the loss subtracts entropy_coef times it."""
+    eff = mask if entropy_mask is None else mask & entropy_mask
+    e = torch.where(eff, entropy, 0)
+    return e.sum() / eff.sum().clamp(min=1)
