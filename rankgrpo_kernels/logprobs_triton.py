@@ -39,6 +39,7 @@ is wrong; results are then cast back.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -144,6 +145,98 @@ def _slab_width(cfg: Config, n: int, vocab: int, itemsize: int) -> int:
     return min(cols, triton.cdiv(vocab, quantum) * quantum)
 
 
+def _token_slab(cfg: Config, n: int, vocab: int, itemsize: int) -> tuple[int, int]:
+    """(rows, row stride) of the recompute pass's dz slab [rows, V]: as many rows as the
+    slab_mib budget holds, a multiple of the dz and dh token tiles, at least one of them; the
+    row stride is V rounded up to 64 elements (aligned rows)."""
+    stride = triton.cdiv(vocab, 64) * 64
+    quantum = math.lcm(cfg.dz.m, cfg.dh.m)
+    rows = int(cfg.slab_mib * 2**20) // (stride * itemsize)
+    rows = max(quantum, rows - rows % quantum)
+    return min(rows, triton.cdiv(n, quantum) * quantum), stride
+
+
+GRID_X_MAX = 2**31 - 1   # CUDA: grid dimension x
+GRID_YZ_MAX = 65535      # CUDA: grid dimensions y and z
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """Every launch size and buffer of one backward call, from the sizes alone (no tensors):
+    what the launcher runs, and what tests check against the CUDA grid limits and the int32
+    index arithmetic of the kernels at long context."""
+
+    mode: str                 # triton_config.DHIDDEN_MODES
+    slab: int                 # vocabulary columns per slab (dz [N, slab])
+    num_slabs: int
+    dw_splits: int            # token splits of the dW GEMM (fp32 partials when > 1)
+    tokens_per_split: int
+    token_rows: int           # recompute: rows per token slab (dz [rows, V]); else 0
+    token_stride: int         # recompute: row stride of that slab
+    dh_splits: int            # recompute: vocabulary splits of the dh GEMM
+    dh_split_len: int
+    grids: dict               # kernel -> largest grid it is launched with
+    buffers: dict             # name -> bytes of the backward's own buffers (beyond dh, dW)
+
+    @property
+    def extra_bytes(self) -> int:
+        """The buffers' bytes; the dz slabs of the two recompute passes share their storage."""
+        return sum(self.buffers.values())
+
+
+def plan_backward(cfg: Config, n: int, hdim: int, vocab: int, itemsize: int, num_sms: int,
+                  needs: tuple[bool, bool, bool]) -> BackwardPlan:
+    """The launches and buffers of `backward` for N tokens, hidden size H, vocabulary V and
+    operands of `itemsize` bytes, on a device of `num_sms` multiprocessors."""
+    need_h, need_w, need_b = needs
+    recompute = cfg.dhidden == "recompute" and need_h
+    t1, t2, t3 = cfg.dz, cfg.dw, cfg.dh
+    slab = _slab_width(cfg, n, vocab, itemsize)
+    num_slabs = triton.cdiv(vocab, slab)
+    want = cfg.fill * num_sms
+    # dW GEMM: split the token reduction when there are too few output tiles to fill the GPU.
+    dw_tiles = triton.cdiv(slab, t2.m) * triton.cdiv(hdim, t2.n)
+    splits = 1 if dw_tiles >= want else min(triton.cdiv(want, dw_tiles), triton.cdiv(n, 4 * t2.k))
+    tokens_per_split = triton.cdiv(triton.cdiv(n, splits), t2.k) * t2.k
+    splits = triton.cdiv(n, tokens_per_split)
+    grids = {}
+    buffers = {}
+    slab_pass = need_w or need_b or not recompute
+    vocab_dz = n * slab * itemsize if (need_w or (need_h and not recompute)) else 0
+    if slab_pass:
+        grids["dlogits_kernel"] = (triton.cdiv(n, t1.m) * triton.cdiv(slab, t1.n),)
+    if need_b:
+        buffers["dbias partials"] = triton.cdiv(n, t1.m) * slab * 4
+    if need_w:
+        grids["dweight_kernel"] = (triton.cdiv(slab, t2.m) * triton.cdiv(hdim, t2.n), splits)
+        if splits > 1:
+            buffers["dW split partials"] = splits * slab * hdim * 4
+    rows = stride = 0
+    dh_splits, split_len = 1, slab
+    if need_h and not recompute:
+        grids["dhidden_kernel"] = (triton.cdiv(n, t3.m) * triton.cdiv(hdim, t3.n), 1)
+        if itemsize != 4 and num_slabs > 1:
+            buffers["dhidden fp32 running sum"] = n * hdim * 4
+    token_dz = 0
+    if recompute:
+        rows, stride = _token_slab(cfg, n, vocab, itemsize)
+        token_dz = rows * stride * itemsize
+        tiles = triton.cdiv(rows, t3.m) * triton.cdiv(hdim, t3.n)
+        dh_splits = cfg.dh_splits or (1 if tiles >= want else
+                                      min(triton.cdiv(want, tiles), triton.cdiv(vocab, 4 * t3.k)))
+        split_len = triton.cdiv(triton.cdiv(vocab, dh_splits), t3.k) * t3.k
+        dh_splits = triton.cdiv(vocab, split_len)
+        grids["dlogits_kernel (token slab)"] = (triton.cdiv(rows, t1.m)
+                                                * triton.cdiv(vocab, t1.n),)
+        grids["dhidden_kernel"] = (tiles, dh_splits)
+        if dh_splits > 1:
+            buffers["dhidden split partials"] = dh_splits * rows * hdim * 4
+    if vocab_dz or token_dz:
+        buffers["dz slab"] = max(vocab_dz, token_dz)
+    return BackwardPlan("recompute" if recompute else "accumulate", slab, num_slabs, splits,
+                        tokens_per_split, rows, stride, dh_splits, split_len, grids, buffers)
+
+
 def _num_sms(dev: torch.device) -> int:
     if dev.type == "cuda":
         return torch.cuda.get_device_properties(dev).multi_processor_count
@@ -188,35 +281,35 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     inv_temp = 1.0 / float(temperature)
     tg = targets.contiguous()
 
-    need_dz = need_h or need_w
-    slab = _slab_width(cfg, n, vocab, h.element_size())
-    num_slabs = triton.cdiv(vocab, slab)
+    plan = plan_backward(cfg, n, hdim, vocab, h.element_size(), _num_sms(dev),
+                         (need_h, need_w, need_b))
+    recompute = plan.mode == "recompute"
+    slab, num_slabs = plan.slab, plan.num_slabs
     t1, t2, t3 = cfg.dz, cfg.dw, cfg.dh
     num_m1 = triton.cdiv(n, t1.m)
-    dz = torch.empty(n, slab, dtype=h.dtype, device=dev) if need_dz else h
+    # One storage for the dz slab of either pass (they never overlap in time).
+    dz_store = (torch.empty(plan.buffers["dz slab"] // h.element_size(), dtype=h.dtype,
+                            device=dev) if "dz slab" in plan.buffers else h)
+    need_dz = need_w or (need_h and not recompute)
+    dz = dz_store[:n * slab].view(n, slab) if need_dz else h
     dbp = torch.empty(num_m1, slab, dtype=torch.float32, device=dev) if need_b else lse_state
     dh = torch.empty(n, hdim, dtype=h.dtype, device=dev) if need_h else None
     dh_acc = None
-    if need_h:
+    if need_h and not recompute:
         dh_acc = dh if (dh.dtype == torch.float32 or num_slabs == 1) else torch.empty(
             n, hdim, dtype=torch.float32, device=dev)
     dw = torch.empty(vocab, hdim, dtype=w.dtype, device=dev) if need_w else None
     db = torch.empty(vocab, dtype=torch.float32, device=dev) if need_b else None
-
-    # dW GEMM: split the token reduction when there are too few output tiles to fill the GPU.
-    dw_tiles = triton.cdiv(slab, t2.m) * triton.cdiv(hdim, t2.n)
-    want = 2 * _num_sms(dev)
-    splits = 1 if dw_tiles >= want else min(triton.cdiv(want, dw_tiles), triton.cdiv(n, 4 * t2.k))
-    tokens_per_split = triton.cdiv(triton.cdiv(n, splits), t2.k) * t2.k
-    splits = triton.cdiv(n, tokens_per_split)
+    splits, tokens_per_split = plan.dw_splits, plan.tokens_per_split
     dw_part = (torch.empty(splits, slab, hdim, dtype=torch.float32, device=dev)
                if need_w and splits > 1 else None)
+    bias_arg = b if b is not None else h
 
-    for i in range(num_slabs):
+    for i in range(num_slabs if (need_w or need_b or not recompute) else 0):
         v0 = i * slab
         width = min(slab, vocab - v0)
         dlogits_kernel[(num_m1 * triton.cdiv(width, t1.n),)](
-            h, w, b if b is not None else h, tg, lse_state, ent, g, ge, dscale, dz, dbp,
+            h, w, bias_arg, tg, lse_state, ent, g, ge, dscale, dz, dbp,
             n, vocab, hdim, h.stride(0), w.stride(0), v0, width, slab, scale, inv_temp,
             HAS_BIAS=b is not None, HAS_GE=has_ge, NEED_DZ=need_dz, NEED_DB=need_b,
             BLOCK_N=t1.m, BLOCK_V=t1.n, BLOCK_K=t1.k, EVEN_K=hdim % t1.k == 0,
@@ -232,14 +325,55 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 num_warps=t2.num_warps, num_stages=t2.num_stages)
             if dw_part is not None:
                 dw[v0:v0 + width] = dw_part[:, :width].sum(0)
-        if need_h:
-            dhidden_kernel[(triton.cdiv(n, t3.m) * triton.cdiv(hdim, t3.n),)](
+        if need_h and not recompute:
+            dhidden_kernel[(triton.cdiv(n, t3.m) * triton.cdiv(hdim, t3.n), 1)](
                 dz, w, dh_acc, dh, dscale, n, hdim, v0, width, slab, w.stride(0),
-                dh_acc.stride(0), dh.stride(0),
+                dh_acc.stride(0), dh.stride(0), slab, 0,
                 FIRST=i == 0, LAST=i == num_slabs - 1, BLOCK_N=t3.m, BLOCK_H=t3.n,
                 BLOCK_K=t3.k, PRECISION=prec, num_warps=t3.num_warps,
                 num_stages=t3.num_stages)
 
+    if recompute:
+        _dhidden_recompute(plan, cfg, h, w, bias_arg, b is not None, tg, lse_state, ent, g, ge,
+                           has_ge, dscale, dz_store, dh, scale, inv_temp, prec)
+
     return (dh.to(hidden.dtype) if dh is not None else None,
             dw.to(weight.dtype) if dw is not None else None,
             db.to(bias.dtype) if db is not None else None)
+
+
+def _dhidden_recompute(plan: BackwardPlan, cfg: Config, h, w, bias_arg, has_bias: bool, tg,
+                       lse_state, ent, g, ge, has_ge: bool, dscale, dz_store, dh, scale: float,
+                       inv_temp: float, prec: str) -> None:
+    """dhidden = dz @ W without an [N, H] fp32 running sum (dhidden="recompute"): per token
+    slab, dz of all V columns (logits recomputed) into the [rows, V] slab, then one GEMM per
+    (token block, hidden tile, vocabulary split) whose reduction runs over its whole split;
+    several splits are fp32 partials summed in split order (deterministic)."""
+    n, hdim = h.shape
+    vocab = w.shape[0]
+    t1, t3 = cfg.dz, cfg.dh
+    rows, stride = plan.token_rows, plan.token_stride
+    dzt = dz_store[:rows * stride].view(rows, stride)
+    nsp = plan.dh_splits
+    part = (torch.empty(nsp, rows, hdim, dtype=torch.float32, device=h.device)
+            if nsp > 1 else dh)  # (acc_ptr unused with one split)
+    for t0 in range(0, n, rows):
+        m = min(rows, n - t0)
+        sl = slice(t0, t0 + m)
+        state = lse_state[:, sl].contiguous()  # the kernel reads its rows at state + N
+        ent_s = ent[sl] if has_ge else state
+        dlogits_kernel[(triton.cdiv(m, t1.m) * triton.cdiv(vocab, t1.n),)](
+            h[sl], w, bias_arg, tg[sl], state, ent_s, g[sl], ge[sl], dscale, dzt, state,
+            m, vocab, hdim, h.stride(0), w.stride(0), 0, vocab, stride, scale, inv_temp,
+            HAS_BIAS=has_bias, HAS_GE=has_ge, NEED_DZ=True, NEED_DB=False,
+            BLOCK_N=t1.m, BLOCK_V=t1.n, BLOCK_K=t1.k, EVEN_K=hdim % t1.k == 0,
+            PRECISION=prec, num_warps=t1.num_warps, num_stages=t1.num_stages)
+        out = dh[sl]
+        dhidden_kernel[(triton.cdiv(m, t3.m) * triton.cdiv(hdim, t3.n), nsp)](
+            dzt, w, part, out, dscale, m, hdim, 0, vocab, stride, w.stride(0),
+            part.stride(-2), out.stride(0), plan.dh_split_len,
+            part.stride(0) if nsp > 1 else 0,
+            FIRST=True, LAST=nsp == 1, BLOCK_N=t3.m, BLOCK_H=t3.n, BLOCK_K=t3.k,
+            PRECISION=prec, num_warps=t3.num_warps, num_stages=t3.num_stages)
+        if nsp > 1:
+            out.copy_(part[:, :m].sum(0))  # a fixed-shape reduction: deterministic

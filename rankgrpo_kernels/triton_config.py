@@ -9,7 +9,20 @@ Override for experiments (bench sweeps, tests) with `override(...)` or the envir
 RANKGRPO_TRITON_CONFIG, e.g.
     RANKGRPO_TRITON_CONFIG="fwd=128x256x64w8s3,v_split=16384,dh=128x256x64w8s3,slab_mib=128"
 Keys: fwd, dz, dw, dh (tiles, MxNxK + w<num_warps> + s<num_stages>), v_split, group,
-slab_mib, slab_cols ("slab_mib=64" trades backward speed for less memory at large T).
+slab_mib, slab_cols ("slab_mib=64" trades backward speed for less memory at large T),
+dhidden (accumulate | recompute, below), dh_splits, fill (programs per SM the split GEMMs aim
+for; their fp32 partial buffers grow with it).
+
+dhidden: how the backward forms dhidden = dz @ W over the whole vocabulary.
+    "accumulate" (the default until a GPU run decides): per vocabulary slab, dh += dz[:, slab]
+        @ W[slab] into an fp32 [N, H] running sum (4 N H bytes extra for 16-bit operands with
+        more than one slab), 8 T H V FLOPs for the whole step.
+    "recompute": the vocabulary-slab pass computes dW (and dbias) only; a second pass walks
+        token slabs, recomputes the logit tiles of all V for them into a [rows, V] dz slab and
+        runs dh[rows] = dz @ W with the reduction over all of V inside the GEMM (split over V
+        into `dh_splits` fp32 partials, summed in a fixed order, when the token slab has too
+        few output tiles to fill the GPU). No [N, H] fp32 buffer; 10 T H V FLOPs.
+
 A tile's M, N and K are, per kernel:
     fwd / dz  M tokens,        N vocabulary columns, K hidden (the logit tile and its K-loop)
     dw        M slab columns,  N hidden columns,     K tokens  (dW[slab] = dz^T @ hidden)
@@ -51,6 +64,13 @@ class Config:
     slab_cols: int = 0     # slab width to aim for within that budget (0: as wide as it allows)
     combine_rows: int = 64  # rows per program of lse_combine_kernel
     combine_k: int = 64     # hidden chunk of its target-logit dot
+    dhidden: str = "accumulate"  # DHIDDEN_MODES: fp32 running sum, or recompute the logits
+    dh_splits: int = 0      # recompute: vocabulary splits of the dh GEMM (0: enough to fill)
+    fill: int = 2           # programs per SM the split GEMMs aim for (dW token splits, dh
+                            # vocabulary splits): their fp32 partials take ~fill x SMs tiles
+
+
+DHIDDEN_MODES = ("accumulate", "recompute")
 
 
 # GPU table. 16-bit operands use the tensor cores (wgmma on sm_90, mma on sm_80); fp32 uses
@@ -102,8 +122,11 @@ def _parse_spec(spec: str) -> dict:
                 raise ValueError(f"RANKGRPO_TRITON_CONFIG: bad tile {item!r}, "
                                  f"expected e.g. {key}=128x128x64w8s4")
             out[key] = Tile(int(m[1]), int(m[2]), int(m[3]), int(m[4] or 8), int(m[5] or 3))
-        elif key in ("v_split", "group", "combine_rows", "combine_k", "slab_cols"):
+        elif key in ("v_split", "group", "combine_rows", "combine_k", "slab_cols",
+                     "dh_splits", "fill"):
             out[key] = int(val)
+        elif key == "dhidden":
+            out[key] = val
         elif key == "slab_mib":
             out[key] = float(val)
         else:
@@ -135,6 +158,13 @@ def select(dtype: torch.dtype, hidden: int, vocab: int, *, interpret: bool | Non
     if cfg.v_split % cfg.fwd.n:
         raise ValueError(f"v_split={cfg.v_split} must be a multiple of the forward tile's "
                          f"N={cfg.fwd.n}")
+    if cfg.dhidden not in DHIDDEN_MODES:
+        raise ValueError(f"dhidden={cfg.dhidden!r}: expected one of {DHIDDEN_MODES}")
+    if cfg.fill < 1:
+        raise ValueError(f"fill={cfg.fill}: expected a positive number of programs per SM")
+    if cfg.dh_splits < 0:
+        raise ValueError(f"dh_splits={cfg.dh_splits}: expected 0 (automatic) or a positive "
+                         "count")
     return cfg
 
 

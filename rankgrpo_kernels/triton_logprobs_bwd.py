@@ -15,6 +15,12 @@ budget); per slab, three kernels, none with atomics:
    in registers; across slabs the running sum lives in an fp32 buffer (read-add-write by the one
    program that owns the tile, in slab order), and the last slab writes hidden's dtype.
 
+With `dhidden="recompute"` (triton_config) the slab loop runs kernels 1 and 2 only, and a
+second loop over token slabs runs kernel 1 on all V columns of the slab's rows (the logits
+recomputed once more, 2 T H V FLOPs) and kernel 3 with the whole vocabulary as its reduction:
+dh is written once in hidden's dtype (or as a fixed number of fp32 vocabulary-split partials
+summed in a fixed order), with no [N, H] fp32 running sum.
+
 dz_scale is a power of two (exact): 1 for bf16/fp32, and for fp16 a factor that lifts the
 largest possible |dz| to about 2^14, so small dz do not flush to fp16 zero. The GEMM kernels
 multiply their fp32 result by 1 / dz_scale.
@@ -121,13 +127,18 @@ def dweight_kernel(dz_ptr, h_ptr, out_ptr, dscale_ptr,
 @triton.jit
 def dhidden_kernel(dz_ptr, w_ptr, acc_ptr, out_ptr, dscale_ptr,
                    N, H, v_begin, slab_len, dz_stride, stride_w, stride_acc, stride_out,
+                   split_len, stride_split,
                    FIRST: tl.constexpr, LAST: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """dh[tokens, H tile] (+)= (dz[tokens, slab] @ W[slab, H tile]) / dz_scale.
+    """dh[tokens, H tile] (+)= (dz[tokens, cols] @ W[v_begin + cols, H tile]) / dz_scale.
 
-    FIRST: no running sum to read; LAST: write hidden's dtype to out, else fp32 to acc.
+    Axis 0: token blocks x hidden tiles; axis 1: splits of the slab's columns, `split_len`
+    each (one split, split_len >= slab_len: the whole slab). FIRST: no running sum to read;
+    LAST: write hidden's dtype to out, else fp32 to acc + split * stride_split (a running sum
+    across slabs, or one split's partial of the recompute pass).
     """
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     num_h = tl.cdiv(H, BLOCK_H)
     pid_m = pid // num_h  # hidden tiles fastest: they share the dz rows of a token block
     pid_h = pid % num_h
@@ -138,12 +149,15 @@ def dhidden_kernel(dz_ptr, w_ptr, acc_ptr, out_ptr, dscale_ptr,
     hcol = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = hcol < H
     offs_k = tl.arange(0, BLOCK_K)
+    c_begin = split * split_len
+    c_end = tl.minimum(c_begin + split_len, slab_len)
 
-    a_ptrs = dz_ptr + rows[:, None] * dz_stride + offs_k[None, :]
-    b_ptrs = w_ptr + (v_begin + offs_k).to(tl.int64)[:, None] * stride_w + hcol[None, :]
+    a_ptrs = dz_ptr + rows[:, None] * dz_stride + (c_begin + offs_k)[None, :]
+    b_ptrs = w_ptr + (v_begin + c_begin + offs_k).to(tl.int64)[:, None] * stride_w \
+        + hcol[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-    for c0 in range(0, slab_len, BLOCK_K):
-        k_ok = offs_k < slab_len - c0
+    for c0 in range(c_begin, c_end, BLOCK_K):
+        k_ok = offs_k < c_end - c0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & h_ok[None, :], other=0.0)
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
@@ -152,7 +166,8 @@ def dhidden_kernel(dz_ptr, w_ptr, acc_ptr, out_ptr, dscale_ptr,
     acc = acc / tl.load(dscale_ptr)
 
     ok = row_ok[:, None] & h_ok[None, :]
-    run = acc_ptr + offs_n.to(tl.int64)[:, None] * stride_acc + hcol[None, :]
+    run = (acc_ptr + split.to(tl.int64) * stride_split
+           + offs_n.to(tl.int64)[:, None] * stride_acc + hcol[None, :])
     if not FIRST:
         acc += tl.load(run, mask=ok, other=0.0)
     if LAST:

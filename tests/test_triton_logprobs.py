@@ -3,28 +3,30 @@
 On a CPU machine they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), in fp32
 and fp16 at small shapes; on a CUDA machine the same tests run compiled on the GPU.
 
-Tolerance rules:
-Cut Cross-Entropy's rule, per tensor: max|ours - fp64| <= max|torch - fp64| + slack, "torch"
-being the chunked torch backend on the same inputs (fp32 math, one rounding at the end), the
-fp64 reference seeing the same rounded inputs. slack: 2e-5 (1 + max|ref|) for logp and
-entropy; for gradients 2e-5 max|ref| in fp32 and one fp16 ulp at the largest magnitude
-(2^-10 max|ref|) in fp16, where our dz is rounded to fp16 as a GEMM operand.
+Tolerance: the one rule of tests/_tolerance.py (Cut Cross-Entropy's, per tensor: max|ours -
+fp64| <= max|torch backend - fp64| + a slack fixed by the dtype's math), shared with the GPU
+tests.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from _factory import make_batch, run_fused
+from _tolerance import check_against
 
 triton = pytest.importorskip("triton")
 
 import rankgrpo_kernels.logprobs_triton as lt  # noqa: E402
 from rankgrpo_kernels import linear_logprobs, logprobs_torch  # noqa: E402
 from rankgrpo_kernels.logprobs_reference import logprobs as ref_logprobs  # noqa: E402
-from rankgrpo_kernels.triton_config import Config, Tile, override, select  # noqa: E402
+from rankgrpo_kernels.triton_config import (  # noqa: E402
+    DHIDDEN_MODES,
+    Config,
+    Tile,
+    override,
+    select,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # Small tiles: many token blocks, vocabulary splits, slabs and dW token splits, and tiles
@@ -72,24 +74,8 @@ def run_impl(impl, h, w, b, y, temperature, g, ge, dtype):
 
 
 def check(ours, ref, dtype, base):
-    """Cut Cross-Entropy's rule: max|ours - fp64| <= max|torch - fp64| + slack, with "torch"
-    the chunked torch backend on the same inputs (fp32 math, one rounding at the end)."""
-    for key in ("logp", "entropy", "dh", "dw", "db"):
-        if ref[key] is None:
-            assert ours[key] is None
-            continue
-        r, o = ref[key], ours[key]
-        assert torch.isfinite(o).all(), f"{key}: non-finite values"
-        err = (o - r).abs().max().item()
-        base_err = (base[key] - r).abs().max().item()
-        scale = r.abs().max().item()
-        if key in ("logp", "entropy"):
-            slack = 2e-5 * (1 + scale)
-        else:  # one fp16 ulp at the largest magnitude; fp32 a few ulp-ish of the sum
-            slack = (2e-5 if dtype == torch.float32 else 2.0**-10) * scale
-        tol = base_err + slack
-        assert err <= tol, (f"{key} ({dtype}): max error {err:.3g} > {tol:.3g} "
-                            f"(torch backend {base_err:.3g}, max|ref| {scale:.3g})")
+    """The shared rule (tests/_tolerance.py) on every output of a phase-1 module."""
+    check_against(ours, ref, base, dtype)
 
 
 CASES = {
@@ -104,9 +90,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("dhidden", DHIDDEN_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_parity(rng, case, dtype):
+def test_parity(rng, case, dtype, dhidden):
     T, H, V, kw, temp = CASES[case]
     h, w, b, y, g, ge = make_inputs(rng, T, H, V, **kw)
     if case == "peaked":  # half the rows target their argmax (p ~ 1), half a random token
@@ -117,7 +104,7 @@ def test_parity(rng, case, dtype):
     hq, wq = h.to(dtype).double(), w.to(dtype).double()
     bq = b.to(dtype).double() if b is not None else None
     ref = reference(hq, wq, bq, y, temp, g, ge)
-    with override(**SMALL) if case == "ragged" else contextlib.nullcontext():
+    with override(dhidden=dhidden, **(SMALL if case == "ragged" else {})):
         ours = run_impl(lt, h, w, b, y, temp, g, ge, dtype)
     # The torch backend takes ge of ignored rows at face value; linear_logprobs feeds it 0
     # there, and so does this baseline (ours is handed the raw ge and must drop it).
@@ -232,10 +219,11 @@ def test_on_policy_ratio_is_exactly_one(rng):
     assert m["clip_ratio/region_mean"].item() == 0.0
 
 
-def test_deterministic(rng):
+@pytest.mark.parametrize("dhidden", DHIDDEN_MODES)
+def test_deterministic(rng, dhidden):
     T, H, V = 40, 32, 900
     h, w, b, y, g, ge = make_inputs(rng, T, H, V)
-    with override(**SMALL):
+    with override(dhidden=dhidden, **SMALL):
         a = run_impl(lt, h, w, b, y, 1.0, g, ge, torch.float16)
         c = run_impl(lt, h, w, b, y, 1.0, g, ge, torch.float16)
     for k in a:
@@ -250,12 +238,7 @@ def test_bf16_and_fp64_inputs(rng):
                     1.0, g, ge)
     ours = run_impl(lt, h, w, b, y, 1.0, g, ge, torch.bfloat16)
     base = run_impl(logprobs_torch, h, w, b, y, 1.0, g, ge, torch.bfloat16)
-    for key in ("logp", "entropy", "dh", "dw", "db"):
-        scale = ref[key].abs().max().item()
-        err = (ours[key] - ref[key]).abs().max().item()
-        base_err = (base[key] - ref[key]).abs().max().item()
-        slack = 1e-4 * (1 + scale) if key in ("logp", "entropy") else 2.0**-7 * scale
-        assert err <= base_err + slack, key
+    check_against(ours, ref, base, torch.bfloat16)
     ours64 = run_impl(lt, h, w, b, y, 1.0, g, ge, torch.float64)
     ref64 = reference(h, w, b, y, 1.0, g, ge)
     for key in ref64:
@@ -263,9 +246,15 @@ def test_bf16_and_fp64_inputs(rng):
             1 + ref64[key].abs().max().item()), key
 
 
-def test_no_grad_needed_and_partial_needs(rng):
+@pytest.mark.parametrize("dhidden", DHIDDEN_MODES)
+def test_no_grad_needed_and_partial_needs(rng, dhidden):
     T, H, V = 12, 16, 200
     h, w, b, y, g, ge = make_inputs(rng, T, H, V)
+    with override(dhidden=dhidden):
+        _partial_needs(h, w, b, y, g)
+
+
+def _partial_needs(h, w, b, y, g):
     hd, wd, bd = (x.to(DEV, torch.float32) for x in (h, w, b))
     yd = y.to(DEV)
     logp, lse, ent = lt.forward(hd, wd, yd, bd, 1.0, False)
@@ -293,7 +282,69 @@ def test_config_table_and_overrides(monkeypatch):
     monkeypatch.setenv("RANKGRPO_TRITON_CONFIG", "fwd=64x100")
     with pytest.raises(ValueError, match="bad tile"):
         select(torch.bfloat16, 896, 151936, interpret=False)
+    monkeypatch.setenv("RANKGRPO_TRITON_CONFIG", "dhidden=recompute,dh_splits=3")
+    cfg = select(torch.bfloat16, 896, 151936, interpret=False)
+    assert cfg.dhidden == "recompute" and cfg.dh_splits == 3
+    monkeypatch.setenv("RANKGRPO_TRITON_CONFIG", "dhidden=sometimes")
+    with pytest.raises(ValueError, match="dhidden='sometimes'.*accumulate"):
+        select(torch.bfloat16, 896, 151936, interpret=False)
     monkeypatch.delenv("RANKGRPO_TRITON_CONFIG")
+    assert select(torch.bfloat16, 896, 151936, interpret=False).dhidden == "accumulate"
     with pytest.raises(ValueError, match="unknown"):
         with override(nonsense=1):
             pass
+
+
+@pytest.mark.parametrize("dhidden", DHIDDEN_MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("H,V", [(896, 151936), (3584, 152064), (3072, 128256)])
+@pytest.mark.parametrize("T", [1, 8192, 32768, 131072])
+def test_long_context_launch_plan(T, H, V, dtype, dhidden):
+    """Launch sizes and index arithmetic up to T = 131072 on the real heads (no tensors).
+
+    CUDA allows 2^31 - 1 programs on grid axis x and 65535 on y; the kernels index with int32
+    wherever a product stays below 2^31 (row offsets inside a tile, `state + N`, a slab's
+    column) and with int64 wherever it can pass it (row * stride, split * plane: T * V is
+    2e10 at T = 131072). This checks the int32 ones at these sizes and that the buffers keep
+    to their budget."""
+    with override(dhidden=dhidden):
+        cfg = select(dtype, H, V, interpret=False)
+    itemsize = torch.finfo(dtype).bits // 8
+    plan = lt.plan_backward(cfg, T, H, V, itemsize, 132, (True, True, False))
+    assert plan.mode == dhidden
+    for kernel, grid in plan.grids.items():
+        assert 1 <= grid[0] <= lt.GRID_X_MAX, (kernel, grid)
+        assert all(1 <= x <= lt.GRID_YZ_MAX for x in grid[1:]), (kernel, grid)
+    i32 = 2**31 - 1
+    assert 2 * T <= i32                                # lse_state[1] at state + N + row
+    assert plan.slab * max(cfg.dw.k, cfg.dh.k) <= i32  # BLOCK_K * dz_stride (dW pointer step)
+    assert max(cfg.dw.k, cfg.dh.k) * H <= i32          # BLOCK_K * stride_h / stride_w
+    assert V + cfg.dz.n <= i32 and T + cfg.fwd.m <= i32  # column / row offsets of a tile
+    # The forward: its split partials and grid.
+    splits = -(-V // cfg.v_split)
+    assert -(-T // cfg.fwd.m) * splits <= lt.GRID_X_MAX
+    budget = cfg.slab_mib * 2**20
+    dz = plan.buffers.get("dz slab", 0)
+    # The slab keeps to its budget unless one quantum of it is larger.
+    quantum_bytes = max(T * 256 * itemsize, plan.token_rows * plan.token_stride * itemsize)
+    assert dz <= max(budget, quantum_bytes)
+    if dhidden == "recompute":
+        assert "dhidden fp32 running sum" not in plan.buffers
+        assert plan.dh_splits * plan.dh_split_len >= V
+        assert plan.token_rows % cfg.dh.m == 0 and plan.token_stride >= V
+    elif itemsize == 2 and plan.num_slabs > 1:
+        assert plan.buffers["dhidden fp32 running sum"] == T * H * 4
+
+
+def test_recompute_plan_memory_at_32k():
+    """The point of dhidden="recompute": at T = 32768 on the 7B head (bf16, H200's 132 SMs),
+    the backward's own buffers drop from the accumulator's 448 MiB + the dz slab to the dz
+    slab and the partial sums (sizes, not a measurement)."""
+    acc = lt.plan_backward(select(torch.bfloat16, 3584, 152064, interpret=False), 32768,
+                           3584, 152064, 2, 132, (True, True, False))
+    with override(dhidden="recompute", slab_mib=48):
+        cfg = select(torch.bfloat16, 3584, 152064, interpret=False)
+    rec = lt.plan_backward(cfg, 32768, 3584, 152064, 2, 132, (True, True, False))
+    assert acc.buffers["dhidden fp32 running sum"] == 32768 * 3584 * 4
+    assert rec.extra_bytes < acc.extra_bytes / 4
+    assert "dhidden fp32 running sum" not in rec.buffers

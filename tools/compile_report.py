@@ -95,12 +95,14 @@ def _kernel_specs(dtype: str, hidden: int, vocab: int):
                       dict(BLOCK_V=t.m, BLOCK_H=t.n, BLOCK_K=t.k, PRECISION=prec),
                       t.num_warps, t.num_stages))
     t = cfg.dh
+    # dhidden="accumulate" runs all four; dhidden="recompute" runs first=1,last=1 (one
+    # vocabulary split) and first=1,last=0 (fp32 split partials), the same binaries.
     for first, last in ((True, False), (False, False), (False, True), (True, True)):
         specs.append((bwd.dhidden_kernel, f"first={int(first)},last={int(last)}", str(t),
                       dict(dz_ptr=op, w_ptr=op, acc_ptr="*fp32", out_ptr=op,
                            dscale_ptr="*fp32", N="i32", H="i32", v_begin="i32",
                            slab_len="i32", dz_stride="i32", stride_w="i32", stride_acc="i32",
-                           stride_out="i32"),
+                           stride_out="i32", split_len="i32", stride_split="i32"),
                       dict(FIRST=first, LAST=last, BLOCK_N=t.m, BLOCK_H=t.n, BLOCK_K=t.k,
                            PRECISION=prec), t.num_warps, t.num_stages))
     return specs
@@ -139,7 +141,8 @@ def _divisible(name: str, typ: str) -> bool:
     if typ.startswith("*"):
         return True
     return typ == "i32" and name in ("H", "V", "stride_h", "stride_w", "dz_stride",
-                                     "stride_acc", "stride_out", "stride_split", "slab_len")
+                                     "stride_acc", "stride_out", "stride_split", "slab_len",
+                                     "split_len")
 
 
 def compile_one(kernel, types, constexprs, num_warps, num_stages, arch):

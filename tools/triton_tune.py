@@ -4,15 +4,23 @@
     python -m tools.triton_tune --only-default --tokens 32768
 
 For each shape and configuration: the no-grad forward (2*T*H*V FLOPs) and forward+backward
-(8*T*H*V), in ms and TFLOP/s, next to torch's bf16 matmul rate on the same GPU (the [T, H] @
-[H, V-chunk] GEMM), and the extra peak memory of forward+backward beyond inputs and
-gradients. A winning configuration goes into triton_config.py, or is set per run with
-RANKGRPO_TRITON_CONFIG (the printed string).
+(8*T*H*V model FLOPs, whatever the configuration recomputes: dhidden="recompute" does 10), in
+ms and TFLOP/s, next to torch's bf16 matmul rate on the same GPU (the [T, H] @ [H, V-chunk]
+GEMM), the extra peak memory of forward+backward beyond inputs and gradients, and the
+backward's own buffers as `logprobs_triton.plan_backward` sizes them ("plan MiB", what the
+measured extra should be near). A winning configuration goes into triton_config.py, or is set
+per run with RANKGRPO_TRITON_CONFIG (the printed string).
+
+    python -m tools.triton_tune --plan-only --tokens 32768 --candidates "default;dhidden=recompute"
+
+prints the planned buffers without a GPU (sizes, not measurements); `--json FILE` appends one
+JSON object per measured (shape, T, configuration).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -77,6 +85,11 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--only-default", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--plan-only", action="store_true",
+                    help="print each candidate's planned backward buffers (no GPU needed)")
+    ap.add_argument("--json", default=None, help="append one JSON line per measurement here")
+    ap.add_argument("--sms", type=int, default=132, help="multiprocessors assumed by "
+                    "--plan-only (132: H100/H200 SXM)")
     ap.add_argument("--candidates", default=None,
                     help="';'-separated RANKGRPO_TRITON_CONFIG strings to time instead of the "
                          "built-in list ('' or 'default' is the table's default)")
@@ -89,10 +102,13 @@ def main(argv=None) -> int:
                  for c in args.candidates.split(";")]
         for c in cands:
             tc._parse_spec(c)  # a typo fails here, before any GPU work
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
     from rankgrpo_kernels import logprobs_triton as lt
+
+    if args.plan_only:
+        return _plan_only(lt, tc, args, cands)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU (--plan-only works without one)", file=sys.stderr)
+        return 2
 
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}  T={args.tokens}")
@@ -107,19 +123,60 @@ def main(argv=None) -> int:
         mm = _matmul_tflops(T, H, V)
         print(f"\n## {name} H={H} V={V}: torch bf16 matmul {mm:.0f} TFLOP/s")
         print(f"{'config':58} {'fwd ms':>8} {'TF/s':>6} {'%mm':>5} {'f+b ms':>8} {'TF/s':>6} "
-              f"{'%mm':>5} {'extra MiB':>9}")
+              f"{'%mm':>5} {'extra MiB':>9} {'plan MiB':>8}")
         for spec in cands:
+            planned = _planned_mib(lt, tc, spec, T, H, V, torch.cuda.get_device_properties(
+                0).multi_processor_count)
+            row = {"shape": name, "hidden": H, "vocab": V, "tokens": T,
+                   "config": spec or "default", "matmul_tflops": mm, "plan_mib": planned}
             try:
                 t_f, t_fb, extra = _measure(lt, tc, spec, h, w, y, g, args.reps)
                 tf_f = 2 * T * H * V / t_f / 1e9
                 tf_fb = 8 * T * H * V / t_fb / 1e9
                 print(f"{spec or '(default)':58} {t_f:8.2f} {tf_f:6.0f} {100 * tf_f / mm:5.0f} "
-                      f"{t_fb:8.2f} {tf_fb:6.0f} {100 * tf_fb / mm:5.0f} {extra:9.0f}",
-                      flush=True)
+                      f"{t_fb:8.2f} {tf_fb:6.0f} {100 * tf_fb / mm:5.0f} {extra:9.0f} "
+                      f"{planned:8.0f}", flush=True)
+                row.update(fwd_ms=t_f, fwd_tflops=tf_f, fwd_frac_mm=tf_f / mm, step_ms=t_fb,
+                           step_tflops=tf_fb, step_frac_mm=tf_fb / mm, extra_mib=extra,
+                           status="ok")
             except Exception as e:  # noqa: BLE001 - report and go on with the next one
                 print(f"{spec:58} FAILED {type(e).__name__}: {str(e).splitlines()[0][:120]}",
                       flush=True)
+                row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
+            _append_json(args.json, row)
+        del h, w, y, g
+        torch.cuda.empty_cache()
     return 0
+
+
+def _planned_mib(lt, tc, spec: str, T: int, H: int, V: int, sms: int) -> float:
+    """The backward's own buffers under `spec` (bf16 operands), from plan_backward."""
+    with tc.override(**tc._parse_spec(spec)):
+        cfg = tc.select(torch.bfloat16, H, V, interpret=False)
+    plan = lt.plan_backward(cfg, T, H, V, 2, sms, (True, True, False))
+    return plan.extra_bytes / 2**20
+
+
+def _plan_only(lt, tc, args, cands) -> int:
+    print(f"# planned backward buffers (bf16, {args.sms} SMs, T={args.tokens}); sizes from "
+          "logprobs_triton.plan_backward, not measurements")
+    for name in args.shapes.split(","):
+        H, V = SHAPES[name]
+        for spec in cands:
+            with tc.override(**tc._parse_spec(spec)):
+                cfg = tc.select(torch.bfloat16, H, V, interpret=False)
+            plan = lt.plan_backward(cfg, args.tokens, H, V, 2, args.sms, (True, True, False))
+            parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in plan.buffers.items())
+            flops = 10 if plan.mode == "recompute" else 8
+            print(f"{name:13} {spec or '(default)':40} {plan.extra_bytes / 2**20:8.1f} MiB "
+                  f"({parts}); {flops} THV FLOPs; grids {plan.grids}")
+    return 0
+
+
+def _append_json(path: str | None, row: dict) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
