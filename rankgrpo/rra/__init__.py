@@ -1,5 +1,5 @@
 """Stage 1 of ConvRec-R1: Remap-Reflect-Adjust (paper section 2.2.2 and App. A, Eq. 10-13;
-docs/math.md "Stage 1: Remap-Reflect-Adjust").
+docs/rra/README.md).
 
 A teacher's zero-shot lists become catalog-grounded SFT demonstrations: Remap (Eq. 10)
 scores every catalog item from the teacher's list and the conversation, Reflect (Eq. 11)

@@ -2,7 +2,7 @@
 
     s_final = w * s_reflect + b,   w, b in R^C,
 
-fitted on training conversations by minimising (docs/math.md "Stage 1: Remap-Reflect-Adjust")
+fitted on training conversations by minimising (docs/rra/README.md)
 
     J(w, b) = 1/P * sum_{(i, t)} [ -log softmax_C(w * s_i + b)[t] ] + lambda_w ||w - 1||^2
               + lambda_b ||b||^2

@@ -1,5 +1,5 @@
 """Reflect (Eq. 11): the teacher rates the top remapped candidates, `s_reflect = s_remap +
-gamma * r` (docs/math.md "Stage 1: Remap-Reflect-Adjust").
+gamma * r` (docs/rra/README.md).
 
 The teacher answers one line per candidate, `title (year)####rating` with the rating in
 {-2, -1, 0, 1, 2}. `parse_ratings` reads that robustly: numbering, markdown and quotes

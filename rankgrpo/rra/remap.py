@@ -1,4 +1,4 @@
-"""Remap (Eq. 10 of the paper, docs/math.md "Stage 1: Remap-Reflect-Adjust").
+"""Remap (Eq. 10 of the paper, docs/rra/README.md).
 
 The teacher's free-text list is grounded in the catalog by scoring every catalog item:
 
