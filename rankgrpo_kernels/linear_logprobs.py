@@ -92,7 +92,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"targets must be in [0, {vocab}) or ignore_index={ignore_index}; "
                              f"got {int(t[i])} at flat index {i}")
-        check_finite("hidden", hidden.reshape(-1, hidden.shape[-1]), ~ignored.unsqueeze(1))
+        check_finite("hidden", hidden, ~ignored.reshape(targets.shape).unsqueeze(-1))
         check_finite("weight", weight)
         check_finite("bias", bias)
     t = torch.where(ignored, torch.full_like(t, -1), t)

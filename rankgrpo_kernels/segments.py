@@ -55,7 +55,7 @@ def segment_ids_from_newlines(token_ids: torch.Tensor, mask: torch.Tensor,
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: str = "group",
                      eps: float = 1e-4) -> torch.Tensor:
-    """Group-relative advantages, per rank or per sequence (SPEC section 4).
+    """Group-relative advantages, per rank or per sequence (docs/math.md section 4).
 
     A[i, k] = (r[i, k] - mean_g r[., k]) / (std_g r[., k] + eps), std unbiased over the
     `group_size` consecutive rows of one prompt. A rank where all rows of a group agree gets
