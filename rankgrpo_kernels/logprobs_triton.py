@@ -27,6 +27,13 @@ GPU, 64 MiB for fp32; at least one 256-column slab), the
 split-token dW partials when the slab has too few dW tiles to fill the GPU, the dbias partials,
 and, when hidden is not fp32 and there is more than one slab, an fp32 [N, H] dhidden
 accumulator (the result is cast to hidden's dtype in the last slab's GEMM epilogue).
+With `dhidden="recompute"` (triton_config) that accumulator goes: the slab loop computes dW
+and dbias only, and a second loop over token slabs recomputes the logits of all V for the
+slab's rows into a [rows, V] dz slab (sharing the first slab's storage) and computes
+dh[rows] = dz @ W with the whole vocabulary as the GEMM's reduction (fp32 vocabulary-split
+partials, summed in a fixed order, when the rows alone do not fill the GPU): 10 T H V FLOPs
+instead of 8, extra memory the dz slab plus ~fill x SMs fp32 tiles of partials.
+`plan_backward` sizes every launch and buffer of either mode from the shapes alone.
 For fp16 operands dz is multiplied by a power of two before its cast (exact), so that small
 probabilities do not flush to fp16 zero; the GEMMs divide it out in fp32.
 

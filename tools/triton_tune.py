@@ -90,6 +90,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="append one JSON line per measurement here")
     ap.add_argument("--sms", type=int, default=132, help="multiprocessors assumed by "
                     "--plan-only (132: H100/H200 SXM)")
+    ap.add_argument("--tflops", type=float, default=790.0, help="--plan-only: bf16 matmul "
+                    "rate for the floor estimate (790: an H200 here, device KINDS.md)")
+    ap.add_argument("--tbps", type=float, default=4.3, help="--plan-only: memory bandwidth "
+                    "in TB/s, bytes read + written (4.3: an H200 here)")
     ap.add_argument("--candidates", default=None,
                     help="';'-separated RANKGRPO_TRITON_CONFIG strings to time instead of the "
                          "built-in list ('' or 'default' is the table's default)")
@@ -168,9 +172,48 @@ def _plan_only(lt, tc, args, cands) -> int:
             plan = lt.plan_backward(cfg, args.tokens, H, V, 2, args.sms, (True, True, False))
             parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in plan.buffers.items())
             flops = 10 if plan.mode == "recompute" else 8
+            est = dhidden_floor_ms(plan, args.tokens, H, V, args.tflops, args.tbps)
             print(f"{name:13} {spec or '(default)':40} {plan.extra_bytes / 2**20:8.1f} MiB "
-                  f"({parts}); {flops} THV FLOPs; grids {plan.grids}")
+                  f"({parts}); {flops} THV FLOPs; dhidden work floor {est['ms']:.1f} ms "
+                  f"({est['bound']}-bound: {est['tflop']:.0f} TFLOP, {est['gb']:.0f} GB)")
     return 0
+
+
+def dhidden_floor_ms(plan, T: int, H: int, V: int, tflops: float, tbps: float) -> dict:
+    """A lower bound on the time of the backward's dhidden-specific work (bf16 operands), as
+    max(FLOPs / rate, bytes / bandwidth) per pass, summed: what the two modes trade.
+
+    accumulate: the dh GEMM (2THV) per vocabulary slab, reading the dz slab and W[slab]
+        (W re-read once per group of token blocks that L2 cannot hold; counted once) and the
+        fp32 running sum read + written by every slab but the first and the last.
+    recompute: per token slab of `rows`, the logit recompute and the dh GEMM (4 rows H V
+        FLOPs) streaming all of W twice (once per GEMM: a slab of rows cannot reuse W across
+        slabs) and dz written and read once, plus the partials. With rows below the card's
+        ridge point (FLOP per byte) the pass is memory-bound.
+    An estimate for choosing what to time, not a measurement."""
+    if plan.mode == "accumulate":
+        flop = 2.0 * T * H * V
+        nbytes = 2.0 * T * V + 2.0 * V * H + max(0, plan.num_slabs - 2) * 8.0 * T * H \
+            + (4.0 * T * H if plan.num_slabs > 1 else 0)
+        bound = "compute" if flop / (tflops * 1e12) >= nbytes / (tbps * 1e12) else "memory"
+        ms = 1e3 * max(flop / (tflops * 1e12), nbytes / (tbps * 1e12))
+        return {"ms": ms, "bound": bound, "tflop": flop / 1e12, "gb": nbytes / 1e9}
+    rows = plan.token_rows
+    ms = flop_all = bytes_all = 0.0
+    bound_c = bound_m = 0
+    for t0 in range(0, T, rows):
+        r = min(rows, T - t0)
+        flop = 4.0 * r * H * V
+        nbytes = 2 * (2.0 * V * H) + 2 * (2.0 * r * V) + 2.0 * r * H \
+            + (8.0 * plan.dh_splits * r * H if plan.dh_splits > 1 else 0)
+        tc, tm = flop / (tflops * 1e12), nbytes / (tbps * 1e12)
+        bound_c += tc >= tm
+        bound_m += tm > tc
+        ms += 1e3 * max(tc, tm)
+        flop_all += flop
+        bytes_all += nbytes
+    return {"ms": ms, "bound": "compute" if bound_c >= bound_m else "memory",
+            "tflop": flop_all / 1e12, "gb": bytes_all / 1e9}
 
 
 def _append_json(path: str | None, row: dict) -> None:
