@@ -174,7 +174,10 @@ def _plan_only(lt, tc, args, cands) -> int:
             flops = 10 if plan.mode == "recompute" else 8
             est = dhidden_floor_ms(plan, args.tokens, H, V, args.tflops, args.tbps)
             print(f"{name:13} {spec or '(default)':40} {plan.extra_bytes / 2**20:8.1f} MiB "
-                  f"({parts}); {flops} THV FLOPs; dhidden work floor {est['ms']:.1f} ms "
+                  f"({parts}); {flops} THV FLOPs; "
+                  + (f"token slab {plan.token_rows} rows x {plan.token_stride}; "
+                     if plan.token_rows else f"vocabulary slab {plan.slab} columns; ")
+                  + f"dhidden work floor {est['ms']:.1f} ms "
                   f"({est['bound']}-bound: {est['tflop']:.0f} TFLOP, {est['gb']:.0f} GB)")
     return 0
 
