@@ -157,7 +157,7 @@ def _advantages_per(advantages: torch.Tensor, logp: torch.Tensor,
                              f"{expect[given]}")
         return given
     if a == tuple(logp.shape):
-        if logp.dim() == 2 and segment_ids is not None:
+        if segment_ids is not None:
             raise ValueError(
                 f"advantages has shape {a}, the shape of logp: per token, or per rank with "
                 f"N == T = {t}? Pass advantages_per='token' or advantages_per='rank'")
