@@ -5,8 +5,8 @@ Public names other programs call: `parse_recommendations`, `rank_relevance`, `ra
 metrics and the evaluation metrics share); batch helpers `relevance_matrix`,
 `rewards_from_relevance` and `reward_matrix` return torch tensors for the trainer.
 `REWARD_KINDS` is the one list of reward kinds (the config validates against it). Length
-shaping (section 5) lives in `rankgrpo.shaping` and the aligned token-to-item mapping in
-`rankgrpo.alignment`; both are re-exported here.
+shaping and per-token advantages (section 5) live in `rankgrpo_kernels` and the aligned
+token-to-item mapping in `rankgrpo.alignment`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from rankgrpo_kernels import LengthShaping, eos_mask_from_ids, length_shaping, token_advantages
+
 from .alignment import AlignedBatch, aligned_segment_ids
 from .parsing import parse_recommendations
-from .shaping import LengthShaping, eos_mask_from_ids, length_shaping, token_advantages
 
 __all__ = [
     "parse_recommendations", "rank_relevance", "rank_rewards", "sequence_dcg", "dcg_terms",

@@ -9,9 +9,13 @@
     accumulate_gradients  the fused loss on the last hidden states and the LM head, one
                           backward per micro-batch (gradients sum to the full-batch gradient)
 
-The loss normaliser counts the whole optimizer step (all micro-batches on all processes),
-and DDP's gradient averaging is undone by a factor of the process count, so the gradient
-does not depend on how the step's completions are split into micro-batches or processes.
+Every formula of the loss is the kernel package's: per-token advantages
+(`rankgrpo_kernels.token_advantages`, docs/math.md section 5), the denominator
+(`loss_normalizer`, summed here over processes, section 7) and the metric means
+(`metrics_from_sums`, section 9). The loss normaliser counts the whole optimizer step (all
+micro-batches on all processes), and DDP's gradient averaging is undone by a factor of the
+process count (`rankgrpo.backward`), so the gradient does not depend on how the step's
+completions are split into micro-batches or processes.
 """
 
 from __future__ import annotations
@@ -24,19 +28,24 @@ from typing import Any
 import torch
 
 from rankgrpo_kernels import (
+    LengthShaping,
+    eos_mask_from_ids,
     fused_linear_rank_grpo_loss,
     group_advantages,
     linear_logprobs,
+    loss_normalizer,
+    metrics_from_sums,
     segment_ids_from_newlines,
+    token_advantages,
 )
 
 from .alignment import aligned_segment_ids
+from .backward import backward_micro_batches, world_of
 from .config import GRPOConfig
 from .metrics import aggregate_diagnostics, list_diagnostics
 from .model import call_through_wrapper, gathered_lm_head, last_hidden_states, lm_head_params
 from .rewards import relevance_matrix, rewards_from_relevance, sequence_dcg
 from .rollout import RolloutOutput
-from .shaping import LengthShaping, eos_mask_from_ids, length_shaping, token_advantages
 
 # ----------------------------------------------------------------------------- rewards
 
@@ -74,15 +83,9 @@ def score_rollout(rollout: RolloutOutput, records: Sequence[Mapping[str, Any]], 
     return Scored(rel, rewards, seg, num_items, diags)
 
 
-def _world(accelerator) -> tuple[int, int]:
-    if accelerator is None:
-        return 0, 1
-    return accelerator.process_index, accelerator.num_processes
-
-
 def gather_rows(x: torch.Tensor, accelerator) -> torch.Tensor:
     """Concatenate a per-process tensor over processes (rank order); identity alone."""
-    rank, world = _world(accelerator)
+    rank, world = world_of(accelerator)
     if world == 1:
         return x
     return accelerator.gather(x.to(accelerator.device).contiguous()).to(x.device)
@@ -93,7 +96,7 @@ def group_advantages_dp(rewards: torch.Tensor, cfg: GRPOConfig,
     """(this process's advantages, all rewards). Rows are global in rank order, a group is
     num_generations consecutive rows and may span processes, so rewards are gathered first
     (SPEC section 4)."""
-    rank, world = _world(accelerator)
+    rank, world = world_of(accelerator)
     everything = gather_rows(rewards, accelerator)
     adv = group_advantages(everything, cfg.num_generations, scale=cfg.scale_rewards)
     b = rewards.shape[0]
@@ -140,38 +143,25 @@ def shaping_of(cfg: GRPOConfig) -> LengthShaping:
 def token_level_advantages(advantages: torch.Tensor, scored: Scored, rollout: RolloutOutput,
                            eos_ids: Sequence[int], cfg: GRPOConfig,
                            num_ranks: int) -> torch.Tensor:
-    """Per-token advantages (SPEC section 5): A[i, seg] on item tokens (0 on overflow, EOS and
-    padding) plus length shaping; a sequence reward gives every completion token A[i]."""
+    """Per-token advantages [B, C] float32 by `rankgrpo_kernels.token_advantages`
+    (docs/math.md section 5): per rank, A[i, seg] on item tokens and 0 on overflow, EOS and
+    padding; per row (a sequence reward), A[i] on every completion token; then the length
+    shaping of the config."""
     ids, mask = rollout.completion_ids, rollout.completion_mask
     seg = scored.segment_ids.to(ids.device)
     eos = eos_mask_from_ids(ids, mask, list(eos_ids))
     num_items = None if scored.num_items is None else scored.num_items.to(ids.device)
-    shaping = shaping_of(cfg)
-    if advantages.dim() == 2:
-        return token_advantages(advantages.to(ids.device), seg, mask, eos, num_items=num_items,
-                                shaping=shaping)
-    adv = torch.where(mask, advantages.to(ids.device).float().unsqueeze(1), 0.0)
-    return adv + length_shaping(seg, mask, eos, num_ranks, num_items=num_items, config=shaping)
+    return token_advantages(advantages.to(ids.device), seg, mask, eos, num_items=num_items,
+                            shaping=shaping_of(cfg), num_ranks=num_ranks)
 
 
 def global_normalizer(mask: torch.Tensor, segment_ids: torch.Tensor, cfg: GRPOConfig,
                       num_ranks: int, accelerator=None) -> torch.Tensor:
-    """The loss denominator over the whole step (all micro-batches, all processes):
-    bnpo: masked tokens; grpo: rows; dr_grpo: rows x max_completion_length; rank: non-empty
-    (row, segment) pairs."""
-    m = mask.bool()
-    if cfg.loss_type == "bnpo":
-        local = m.sum()
-    elif cfg.loss_type == "grpo":
-        local = torch.tensor(m.shape[0])
-    elif cfg.loss_type == "dr_grpo":
-        local = torch.tensor(m.shape[0] * cfg.max_completion_length)
-    else:
-        key = torch.where(m, segment_ids.clamp(min=0, max=num_ranks), num_ranks + 1)
-        present = torch.zeros(m.shape[0], num_ranks + 2, dtype=torch.bool, device=m.device)
-        present.scatter_(1, key.long(), True)
-        local = present[:, :num_ranks + 1].sum()
-    total = local.to(torch.float64)
+    """The loss denominator over the whole step: `rankgrpo_kernels.loss_normalizer` of this
+    process's rows, summed over processes, then clamped to >= 1 (docs/math.md section 7).
+    0-dim float64."""
+    total = loss_normalizer(mask, segment_ids, cfg.loss_type, num_segments=num_ranks + 1,
+                            max_completion_length=cfg.max_completion_length)
     if accelerator is not None and accelerator.num_processes > 1:
         total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
     return total.clamp(min=1.0).to(torch.float64)
@@ -285,14 +275,11 @@ def add_logprobs(batch: RLBatch, model, ref_model, cfg: GRPOConfig, accelerator=
 
 # ----------------------------------------------------------------------------- the loss
 
-_SUMMED = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-           "importance_ratio/mean", "kl", "entropy")
-
-
 def micro_batch_loss(model, mb: MicroBatch, batch: RLBatch, cfg: GRPOConfig, num_ranks: int,
-                     accelerator=None):
-    """(loss, metrics) of one micro-batch: the loss is its share of the step's loss (the
-    denominator is the global normaliser)."""
+                     accelerator=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, metric sums) of one micro-batch: the loss is its share of the step's loss (the
+    denominator is the global normaliser); the sums are the kernel's raw sums
+    (`return_sums=True`: token and clip counts, ratio / KL / entropy sums, ratio extremes)."""
     inner = accelerator.unwrap_model(model) if accelerator is not None else model
     rows, w_ = mb.rows, mb.width
 
@@ -309,73 +296,60 @@ def micro_batch_loss(model, mb: MicroBatch, batch: RLBatch, cfg: GRPOConfig, num
             beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
             delta=cfg.delta, level=cfg.importance_sampling_level, loss_type=cfg.loss_type,
             max_completion_length=cfg.max_completion_length, normalizer=batch.normalizer,
-            num_segments=num_ranks + 1)
+            num_segments=num_ranks + 1, advantages_per="token", return_sums=True)
 
     with _autocast(accelerator):
         return call_through_wrapper(model, inner, loss_fn)
 
 
-def _deepspeed_boundary(accelerator, last: bool) -> None:
-    """Under DeepSpeed, accelerate's backward also steps the engine unless told that this
-    micro-batch is not the last of the step. NOT TESTED here (no DeepSpeed, no GPUs)."""
-    if accelerator is None or "DEEPSPEED" not in str(accelerator.distributed_type):
-        return
-    accelerator.gradient_state._set_sync_gradients(last)
-
-
 def accumulate_gradients(model, batch: RLBatch, cfg: GRPOConfig, num_ranks: int, *,
                          accelerator=None) -> dict[str, float]:
-    """Backward of the step's loss over micro-batches of per_device_train_batch_size rows.
-    Gradients add up across micro-batches (no averaging); under DDP the all-reduce average is
-    compensated, so the result is the gradient of the global loss. Returns loss metrics
-    reduced over micro-batches and processes."""
-    rank, world = _world(accelerator)
-    inner = accelerator.unwrap_model(model) if accelerator is not None else model
-    mbs = micro_batches(batch, cfg.per_device_train_batch_size)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    sums = torch.zeros(len(_SUMMED) + 3, dtype=torch.float64)  # + tokens, clip counts
-    rmin, rmax = float("inf"), float("-inf")
-    for j, mb in enumerate(mbs):
-        last = j == len(mbs) - 1
-        sync = contextlib.nullcontext() if (last or accelerator is None or world == 1) \
-            else accelerator.no_sync(model)
-        _deepspeed_boundary(accelerator, last)
-        with sync, gathered_lm_head(inner, accelerator):
-            loss, m = micro_batch_loss(model, mb, batch, cfg, num_ranks, accelerator)
-            scaled = loss * world
-            if accelerator is not None:
-                accelerator.backward(scaled)
-            else:
-                scaled.backward()
-        loss_sum += loss.detach().double().cpu()
-        n = float(m["num_tokens"])
-        for i, k in enumerate(_SUMMED):
-            if k in m:
-                sums[i] += float(m[k]) * n
-        sums[len(_SUMMED)] += n
-        if n > 0:
-            rmin = min(rmin, float(m["importance_ratio/min"]))
-            rmax = max(rmax, float(m["importance_ratio/max"]))
-    if world > 1:
-        dev = accelerator.device
-        packed = torch.cat([loss_sum.reshape(1), sums]).to(dev)
-        packed = accelerator.reduce(packed, reduction="sum").cpu()
-        loss_sum, sums = packed[0], packed[1:]
-        ext = accelerator.gather(torch.tensor([[rmin, -rmax]], dtype=torch.float64,
-                                              device=dev)).cpu()
-        rmin, rmax = float(ext[:, 0].min()), float(-ext[:, 1].min())
-    tokens = float(sums[len(_SUMMED)])
-    out = {"loss": float(loss_sum)}
-    for i, k in enumerate(_SUMMED):
-        out[k] = float(sums[i]) / tokens if tokens else (1.0 if k == "importance_ratio/mean"
-                                                        else 0.0)
-    out["importance_ratio/min"] = rmin if tokens else 1.0
-    out["importance_ratio/max"] = rmax if tokens else 1.0
+    """Backward of the step's loss over micro-batches of per_device_train_batch_size rows
+    (`rankgrpo.backward.backward_micro_batches`). Gradients add up across micro-batches (no
+    averaging); under DDP the all-reduce average is compensated, so the result is the
+    gradient of the global loss. Returns the loss metrics of the whole step (all
+    micro-batches and processes): the loss, the means of `metrics_from_sums`,
+    num_loss_tokens and frac_tokens_nonzero_advantage."""
+
+    def loss_fn(mb: MicroBatch):
+        loss, sums = micro_batch_loss(model, mb, batch, cfg, num_ranks, accelerator)
+        m = batch.completion_mask[mb.rows, :mb.width]
+        nonzero = (m & (batch.advantages[mb.rows, :mb.width] != 0)).sum()
+        return loss, {**sums, "nonzero_advantage_tokens": nonzero}
+
+    sums = backward_micro_batches(model, micro_batches(batch, cfg.per_device_train_batch_size),
+                                  loss_fn, accelerator=accelerator)
+    tokens = float(sums["num_tokens"])
+    out = {"loss": float(sums["loss"])}
+    out.update({k: float(v) for k, v in metrics_from_sums(sums).items() if k != "num_tokens"})
     out["num_loss_tokens"] = tokens
+    out["frac_tokens_nonzero_advantage"] = float(sums["nonzero_advantage_tokens"]) / tokens \
+        if tokens else 0.0
     return out
 
 
 # ----------------------------------------------------------------------------- metrics
+
+def reward_spread_metrics(rewards: torch.Tensor, num_generations: int) -> dict[str, float]:
+    """How much of a step's rewards carry no group-relative signal (docs/math.md section 9).
+
+    rewards: [B, N] rank rewards or [B] sequence rewards, B = prompts x num_generations in
+    prompt-major order. A "cell" is one prompt's rewards at one rank (per-sequence rewards:
+    one cell per prompt); it has zero spread when all G completions got the same value.
+
+    frac_reward_zero_std: share of prompts all of whose cells have zero spread (the prompt
+        teaches nothing, every advantage 0 before shaping; TRL's per-prompt meaning and the
+        released Rank-GRPO code's).
+    frac_reward_zero_std_cells: share of (prompt, rank) cells with zero spread.
+    """
+    g = num_generations
+    grouped = rewards.reshape(-1, g, *rewards.shape[1:])
+    flat = (grouped.amax(1) == grouped.amin(1)).reshape(grouped.shape[0], -1)
+    if flat.numel() == 0:
+        return {"frac_reward_zero_std": 0.0, "frac_reward_zero_std_cells": 0.0}
+    return {"frac_reward_zero_std": float(flat.all(1).float().mean()),
+            "frac_reward_zero_std_cells": float(flat.float().mean())}
+
 
 def rollout_metrics(scored: Scored, rollout: RolloutOutput, all_rewards: torch.Tensor,
                     records: Sequence[Mapping[str, Any]], cfg: GRPOConfig, num_ranks: int,
@@ -389,22 +363,13 @@ def rollout_metrics(scored: Scored, rollout: RolloutOutput, all_rewards: torch.T
                                      for r in records]), accelerator)
     out: dict[str, float] = {}
     r = all_rewards.float()
-    g = cfg.num_generations
+    out["reward"] = float(r.mean())
+    out["reward_std"] = float(r.std()) if r.numel() > 1 else 0.0
     if r.dim() == 2:
-        out["reward"] = float(r.mean())
-        out["reward_std"] = float(r.std()) if r.numel() > 1 else 0.0
-        grouped = r.reshape(-1, g, r.shape[1])
         for k in range(r.shape[1]):
             out[f"rewards/rank_{k + 1}/mean"] = float(r[:, k].mean())
             out[f"rewards/rank_{k + 1}/std"] = float(r[:, k].std()) if r.shape[0] > 1 else 0.0
-    else:
-        out["reward"] = float(r.mean())
-        out["reward_std"] = float(r.std()) if r.numel() > 1 else 0.0
-        grouped = r.reshape(-1, g)
-    # zero spread over a group: [prompts, ranks] cells (rank rewards) or [prompts]
-    flat = (grouped.amax(1) == grouped.amin(1)).reshape(grouped.shape[0], -1)
-    out["frac_reward_zero_std"] = float(flat.all(1).float().mean())
-    out["frac_reward_zero_std_cells"] = float(flat.float().mean())
+    out.update(reward_spread_metrics(r, cfg.num_generations))
     for k in range(rel.shape[1]):
         out[f"relevance/rank_{k + 1}"] = float(rel[:, k].mean())
     dcg = [sequence_dcg(row) for row in rel.tolist()]

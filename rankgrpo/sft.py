@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,12 @@ import torch
 
 from rankgrpo_kernels import linear_logprobs
 
+from .backward import backward_micro_batches
 from .checkpoint import load_weights, resolve_resume
 from .config import EvalConfig, SFTConfig, validate_section
 from .encoding import SFTExample, encode_prompts, encode_sft
 from .model import (
     call_through_wrapper,
-    gathered_lm_head,
     generation_eos_ids,
     last_hidden_states,
     lm_head_params,
@@ -63,7 +62,11 @@ def collate(examples: Sequence[SFTExample], pad_id: int, completion_only: bool,
     return ids.to(device), att.to(device), loss[:, 1:].to(device)
 
 
-def _step_loss(model, inner, ids, att, lmask, normalizer, cfg, accelerator):
+def _step_loss(model, inner, ids, att, lmask, normalizer, cfg, accelerator) -> torch.Tensor:
+    """One micro-batch's share of the step's loss, 0-dim float64: -sum of logp over its loss
+    tokens / `normalizer` (the loss tokens of the whole step, all micro-batches and
+    processes)."""
+
     def fn():
         h = last_hidden_states(inner, ids, att)[:, :-1]
         if cfg.bf16 and h.dtype != torch.bfloat16:
@@ -73,7 +76,7 @@ def _step_loss(model, inner, ids, att, lmask, normalizer, cfg, accelerator):
         b = None if b is None else b.to(h.dtype)
         targets = torch.where(lmask, ids[:, 1:], -100)
         logp = linear_logprobs(h, w, targets, bias=b, backend=cfg.kernel_backend)
-        return -(logp.double() * lmask).sum() / normalizer, lmask.sum()
+        return -(logp.double() * lmask).sum() / normalizer
 
     with accelerator.autocast():
         return call_through_wrapper(model, inner, fn)
@@ -138,25 +141,22 @@ def sft_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]],
         if world > 1:
             count = acc.reduce(count.to(acc.device), reduction="sum").cpu()
         normalizer = float(count.clamp(min=1))
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for j, (ids, att, lmask) in enumerate(mbs):
-            sync = acc.no_sync(model) if (world > 1 and j < len(mbs) - 1) else nullcontext()
-            with sync, gathered_lm_head(inner, acc):
-                loss, _ = _step_loss(model, inner, ids, att, lmask, normalizer, cfg, acc)
-                acc.backward(loss * world)
-            loss_sum += loss.detach().double().cpu()
+
+        def loss_fn(mb):
+            ids, att, lmask = mb
+            loss = _step_loss(model, inner, ids, att, lmask, normalizer, cfg, acc)
+            return loss, {"num_tokens": att.sum()}
+
+        # the loss and the step's tokens (prompt + completion), summed over processes
+        sums = backward_micro_batches(model, mbs, loss_fn, accelerator=acc)
+        loss_sum, n_tok = float(sums["loss"]), float(sums["num_tokens"])
         t1 = time.perf_counter()
         skipped_before = state.skipped_steps
         grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg, acc, step=step,
-                                       loss=float(loss_sum), state=state)
+                                       loss=loss_sum, state=state)
         t2 = time.perf_counter()
-        n_tok = float(sum(m[1].sum() for m in mbs))
-        if world > 1:
-            packed = acc.reduce(torch.tensor([float(loss_sum), n_tok], device=acc.device),
-                                reduction="sum").cpu()
-            loss_sum, n_tok = packed[0], float(packed[1])
         state.num_tokens += int(n_tok)
-        return {"step": step, "epoch": sampler.progress, "loss": float(loss_sum),
+        return {"step": step, "epoch": sampler.progress, "loss": loss_sum,
                 "learning_rate": lr, "grad_norm": grad_norm,
                 "num_loss_tokens": float(count), "num_tokens": state.num_tokens,
                 "nonfinite_skipped": float(state.skipped_steps - skipped_before),

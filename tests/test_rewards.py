@@ -232,7 +232,7 @@ def test_length_shaping_configurable_and_num_items_override():
 
 def test_token_advantages():
     a = torch.tensor([[1.0, 2.0, 3.0]] * 4)
-    out = token_advantages(a, SEG, MASK, EOS)
+    out = token_advantages(a, SEG, MASK, EOS, shaping=LengthShaping())
     expected = torch.tensor([[1, 1, 2, 3, 0.1, 0],        # EOS gets 0 + bonus
                              [1, 2, -0.1, 0, 0, 0],
                              [1, 2, 3, -0.1, -0.1, -0.1],  # overflow gets 0 + penalty

@@ -40,7 +40,9 @@ def test_rl_two_steps_every_parameter_changes(world, tmp_path):
     for h in res.history:
         assert math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"])
         assert h["importance_ratio/mean"] == 1.0  # on-policy: w == 1 exactly
-        for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/rank_1/mean",
+        for key in ("reward", "reward_std", "frac_reward_zero_std",
+                    "frac_reward_zero_std_cells", "frac_tokens_nonzero_advantage",
+                    "rewards/rank_1/mean",
                     "relevance/rank_4", "clip_ratio/region_mean", "kl", "entropy",
                     "completions/mean_length", "rollout/parse_failure_rate",
                     "rollout/out_of_catalog_rate", "rollout/seen_rate",
@@ -173,7 +175,7 @@ def test_sft_loss_is_completion_cross_entropy(world):
     ex, _ = encode_sft(tok, recs[:3], 256, tok.eos_token_id)
     ids, att, lmask = collate(ex, tok.pad_token_id, True, "cpu")
     cfg = SFTConfig(kernel_backend="torch")
-    loss, n = _step_loss(model, model, ids, att, lmask, float(lmask.sum()), cfg, Accelerator(
+    loss = _step_loss(model, model, ids, att, lmask, float(lmask.sum()), cfg, Accelerator(
         cpu=True))
     logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
