@@ -286,7 +286,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, optimize
     else:
         weights, unwrapped = model.state_dict(), model
     if main:
-        unwrapped.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        from .model import quiet_hf_saving
+
+        with quiet_hf_saving():
+            unwrapped.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     if optimizer is not None and (main or _is_sharded(accelerator)):

@@ -285,6 +285,21 @@ def gathered_lm_head(model, accelerator=None):
         yield
 
 
+@contextlib.contextmanager
+def quiet_hf_saving():
+    """No transformers progress bar ("Writing model shards") while saving: the run's own bar
+    and log say what is saved."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def save_pretrained(model, tokenizer, path: str | os.PathLike, accelerator=None) -> None:
     """Save an HF folder (weights gathered under ZeRO-3/FSDP) that `load_model` reads."""
     path = Path(path)
@@ -292,11 +307,13 @@ def save_pretrained(model, tokenizer, path: str | os.PathLike, accelerator=None)
         state = accelerator.get_state_dict(model)
         unwrapped = accelerator.unwrap_model(model)
         if accelerator.is_main_process:
-            unwrapped.save_pretrained(path, state_dict=state, safe_serialization=True)
+            with quiet_hf_saving():
+                unwrapped.save_pretrained(path, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(path)
         accelerator.wait_for_everyone()
         return
-    model.save_pretrained(path, safe_serialization=True)
+    with quiet_hf_saving():
+        model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
