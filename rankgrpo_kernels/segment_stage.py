@@ -69,14 +69,17 @@ def sums_from_stats(stats: torch.Tensor, entropy_sum: torch.Tensor | None = None
 
 def reduce_sums(parts) -> dict:
     """Combine metric sums of several micro-batches (an iterable of `SUM_KEYS` dicts) by
-    SUM_REDUCTIONS; a key missing from any part is left out. No host sync."""
+    SUM_REDUCTIONS, in float64 (a float32 count is exact only up to 2**24 tokens); a key
+    missing from any part is left out. No host sync. Across processes, all-reduce each key
+    with its SUM_REDUCTIONS operation instead."""
     parts = list(parts)
     if not parts:
         raise ValueError("reduce_sums needs at least one dict of sums")
     out = {}
     for k in SUM_KEYS:
         if all(k in p for p in parts):
-            v = torch.stack([torch.as_tensor(p[k]).reshape(()) for p in parts])
+            v = torch.stack([torch.as_tensor(p[k], dtype=torch.float64).reshape(())
+                             for p in parts])
             out[k] = {"sum": v.sum, "min": v.min, "max": v.max}[SUM_REDUCTIONS[k]]()
     return out
 
