@@ -189,10 +189,13 @@ def test_quickstart_equals_trainer_path(rng, backend):
         results[path] = (loss.detach().double(), hh.grad.double(), ww.grad.double())
     for a, b in zip(results["quickstart"], results["trainer"]):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-    # ... and against the float64 reference pipeline.
+    # ... and against the float64 reference pipeline, and the module form.
     ref_loss, _ = fused_linear_rank_grpo_loss(h, w, y, old, A, seg, mask, eos_mask=eos,
                                               backend="reference")
     torch.testing.assert_close(results["quickstart"][0], ref_loss.detach(), rtol=tol, atol=tol)
+    module = rk.LinearRankGRPOLoss(num_segments=N + 1, backend=backend)
+    mod_loss, _ = module(h.to(dtype), w.to(dtype), y, old, A, seg, mask, eos_mask=eos)
+    torch.testing.assert_close(mod_loss.double(), results["quickstart"][0], rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------- docs/math.md section 7
