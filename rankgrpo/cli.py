@@ -327,6 +327,11 @@ def _main(argv: list[str]) -> int:
 
         return rra_main(argv[1:]) or 0
     args = _parser().parse_args(argv)
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not Path(resume).exists():
+        # `--resume key=value`: argparse took the override for the optional CKPT
+        args.overrides.insert(0, resume)
+        args.resume = "auto"
     from .config import ConfigError, dump_config, load_config, validate_section
 
     overrides = list(args.overrides)

@@ -43,7 +43,20 @@ def test_cli_sft_train_eval(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "-c", str(tmp_path / "c.yaml"), "--model",
                  str(tmp_path / "grpo" / "final")]) == 0
-    metrics = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    metrics = json.loads(out.out)
     assert {"recall@5", "ndcg@10"} <= set(metrics)
-    # resume of a finished run is a no-op that still reports
-    assert main(["train", "-c", str(tmp_path / "c.yaml"), "--resume"]) == 0
+    assert "eval: 100%" in out.err and "3/3" in out.err  # progress over the 3 prompts
+    assert "Writing model shards" not in out.err
+    # resume of a finished run is a no-op that still reports, and evaluates nothing again
+    log = tmp_path / "grpo" / "metrics.jsonl"
+    before = log.read_text()
+    assert sum('"eval/' in x for x in before.splitlines()) == 1
+    assert main(["train", "-c", str(tmp_path / "c.yaml"), "--resume"]) == 2  # beta differs
+    assert "beta: 0.01 -> 0.001" in capsys.readouterr().err
+    assert main(["train", "-c", str(tmp_path / "c.yaml"), "--resume", "grpo.beta=0.01"]) == 0
+    assert log.read_text() == before
+    # eval.disable_tqdm: no bar
+    assert main(["eval", "-c", str(tmp_path / "c.yaml"), "--model",
+                 str(tmp_path / "grpo" / "final"), "eval.disable_tqdm=true"]) == 0
+    assert "eval:" not in capsys.readouterr().err
