@@ -1,0 +1,161 @@
+"""rankgrpo's losses registered in verl (>= 0.9) against verl's own losses, float64.
+
+verl is installed with --no-deps plus what core_algos imports (scripts/dev.sh test). The
+registered token / sequence losses must equal verl's "vanilla" (dual clip included) and
+"gspo" for every loss_agg_mode, with and without the global-batch normalisation, to 1e-9;
+the rank loss must equal the kernel's float64 reference.
+"""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+actor_cfg = pytest.importorskip("verl.workers.config.actor")
+
+from rankgrpo.integrations import UnsupportedOptionError  # noqa: E402
+from rankgrpo.integrations import verl as rv  # noqa: E402
+from rankgrpo_kernels import group_advantages, rank_grpo_loss  # noqa: E402
+
+AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+             "seq-mean-token-sum-norm"]
+
+
+def _config(global_info: bool, **kw):
+    kw = {"clip_ratio_c": 3.0, **kw}
+    cfg = actor_cfg.ActorConfig(strategy="fsdp", rollout_n=2, ppo_micro_batch_size_per_gpu=2,
+                                clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, **kw)
+    if global_info:  # a micro-batch of a 2-rank data-parallel step
+        cfg.global_batch_info.update(dp_size=2, batch_num_tokens=97, global_batch_size=13,
+                                     loss_scale_factor=None)
+    return cfg
+
+
+def _batch(rng, b=6, t=14, per_row_adv=False):
+    lengths = torch.randint(1, t + 1, (b,), generator=rng)
+    lengths[0] = t
+    lengths[1] = 0  # an empty response (verl's sequence modes skip it)
+    mask = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
+    old = -torch.rand(b, t, generator=rng, dtype=torch.float64) * 4
+    # wide enough that both clip sides and the dual clip (ratio > 3, A < 0) are hit
+    logp = old + 0.7 * torch.randn(b, t, generator=rng, dtype=torch.float64)
+    if per_row_adv:
+        adv = torch.randn(b, 1, generator=rng, dtype=torch.float64).expand(b, t).clone()
+    else:
+        adv = torch.randn(b, t, generator=rng, dtype=torch.float64)
+        # a few tokens past the dual clip for sure: ratio e^1.5 > 3 with A < 0
+        logp[0, :3] = old[0, :3] + 1.5
+        adv[0, :3] = -adv[0, :3].abs() - 0.1
+    return logp, old, adv, mask
+
+
+def _run(fn, logp, old, adv, mask, mode, cfg, **kw):
+    lp = logp.clone().requires_grad_(True)
+    loss, metrics = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask,
+                       loss_agg_mode=mode, config=cfg, **kw)
+    loss.backward()
+    return loss.detach(), lp.grad, metrics
+
+
+def test_registered_by_name():
+    for name in rv.LOSS_NAMES:
+        assert core_algos.get_policy_loss_fn(name) is getattr(rv, f"compute_policy_loss_{name}")
+
+
+@pytest.mark.parametrize("global_info", [False, True])
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("ours,theirs,per_row", [("rankgrpo_token", "vanilla", False),
+                                                 ("rankgrpo_sequence", "gspo", True)])
+def test_matches_verl_loss(rng, ours, theirs, per_row, mode, global_info):
+    cfg = _config(global_info)
+    logp, old, adv, mask = _batch(rng, per_row_adv=per_row)
+    if theirs == "gspo":  # stay below gspo's sequence log-ratio cap of 10 (not applied by us)
+        assert float(((logp - old) * mask).sum(-1).div(mask.sum(-1).clamp(min=1)).max()) < 10
+    lv, gv, mv = _run(core_algos.get_policy_loss_fn(theirs), logp, old, adv, mask, mode, cfg)
+    lo, go, mo = _run(core_algos.get_policy_loss_fn(ours), logp, old, adv, mask, mode, cfg)
+    lerr = abs(float(lv - lo))
+    gerr = float((gv - go).abs().max())
+    print(f"VERL {ours} vs {theirs} {mode} global={global_info}: loss {float(lv):.6g} "
+          f"abs err {lerr:.2e}, grad max abs err {gerr:.2e} (max |grad| "
+          f"{float(gv.abs().max()):.3g})")
+    assert lerr <= 1e-9 * max(1.0, abs(float(lv)))
+    assert gerr <= 1e-9 * max(1.0, float(gv.abs().max()))
+    for k, v in mv.items():
+        assert abs(v - mo[k]) <= 1e-6, (k, v, mo[k])  # verl averages in float32
+    if theirs == "vanilla":
+        assert mv["actor/pg_clipfrac_lower"] > 0  # the dual clip was exercised
+
+
+def test_rank_loss_matches_float64_reference(rng):
+    b, t, n = 6, 16, 3
+    logp, old, adv_tok, mask = _batch(rng, b, t)
+    seg = torch.where(mask, (torch.arange(t) // 5).clamp(max=n).expand(b, t), -1)
+    cfg = _config(False)
+    with rv.rank_segments(seg):
+        lo, go, _ = _run(core_algos.get_policy_loss_fn("rankgrpo_rank"), logp, old, adv_tok,
+                         mask, "token-mean", cfg)
+    lp = logp.clone().requires_grad_(True)
+    ref, _ = rank_grpo_loss(lp, old, adv_tok, seg, mask, epsilon_low=0.2, epsilon_high=0.28,
+                            level="rank", loss_type="bnpo", advantages_per="token",
+                            backend="reference")
+    ref.backward()
+    print(f"VERL rankgrpo_rank vs float64 reference: loss abs err {abs(float(lo - ref)):.2e}, "
+          f"grad max abs err {float((go - lp.grad).abs().max()):.2e}")
+    assert abs(float(lo - ref)) <= 1e-12 * max(1.0, abs(float(ref)))
+    assert torch.allclose(go, lp.grad, rtol=0, atol=1e-12)
+
+
+def test_rank_loss_without_segments_names_the_gap(rng):
+    logp, old, adv, mask = _batch(rng)
+    with pytest.raises(ValueError, match="rank segment ids"):
+        core_algos.get_policy_loss_fn("rankgrpo_rank")(old, logp, adv, mask, "token-mean",
+                                                       _config(False))
+
+
+def test_refused_options_name_themselves(rng):
+    logp, old, adv, mask = _batch(rng)
+    fn = core_algos.get_policy_loss_fn("rankgrpo_token")
+    with pytest.raises(UnsupportedOptionError, match="rollout_is_weights"):
+        fn(old, logp, adv, mask, "token-mean", _config(False), torch.ones_like(logp))
+    cfg = _config(False, clip_ratio_c=1.1)  # not above 1 + clip_ratio_high: no equivalent
+    with pytest.raises(UnsupportedOptionError, match="clip_ratio_c"):
+        fn(old, logp, adv, mask, "token-mean", cfg)
+
+
+def test_catalog_reward_manager_and_rank_advantages():
+    from rankgrpo.catalog import Catalog
+    from rankgrpo.tiny import build_tokenizer
+
+    items = ["Alien (1979)", "Heat (1995)", "Up (2009)", "Jaws (1975)"]
+    tok = build_tokenizer(items, texts=["films"])
+    texts = ["Alien (1979)\nHeat (1995)\nUp (2009)", "Jaws (1975)\nAlien (1979)",
+             "Up (2009)\nJaws (1975)\nHeat (1995)\nAlien (1979)", "Heat (1995)"]
+    enc = [tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for x in texts]
+    t = max(map(len, enc))
+    responses = torch.tensor([e + [tok.pad_token_id] * (t - len(e)) for e in enc])
+    attn = torch.tensor([[1] * len(e) + [0] * (t - len(e)) for e in enc])
+    gt = [[["Alien", "1979"], ["Up", "2009"]], [["Alien", "1979"]],
+          [["Heat", "1995"]], [["Heat", "1995"]]]
+    data = types.SimpleNamespace(
+        batch={"responses": responses, "attention_mask": torch.cat([attn, attn], 1)},
+        non_tensor_batch={"reward_model": np.array([{"ground_truth": g} for g in gt]),
+                          "extra_info": np.array([{} for _ in gt])})
+    catalog = Catalog([(s.rsplit(" (", 1)[0], int(s[-5:-1])) for s in items])
+    mgr = rv.RankCatalogRewardManager(tok, catalog=catalog, num_ranks=3)
+    out = mgr(data, return_dict=True)
+    per_rank = torch.tensor(out["reward_extra_info"]["rank_rewards"])
+    assert per_rank.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 0]]
+    # the [B, T] tensor holds rank k's reward on item k's last token: row sums agree
+    assert torch.equal(out["reward_tensor"].sum(-1), per_rank.sum(-1))
+    seg = out["reward_extra_info"]["rank_segment_ids"]
+    eos = out["reward_extra_info"]["eos_mask"]
+    adv = rv.rank_grpo_advantages(per_rank, seg, attn.bool(), ["a", "b", "a", "b"],
+                                  eos_mask=eos)
+    want = group_advantages(per_rank[[0, 2, 1, 3]], 2)[[0, 2, 1, 3]]
+    for i in range(4):
+        for j in range(t):
+            k = int(seg[i, j])
+            expect = float(want[i, k]) if 0 <= k < 3 and not eos[i, j] else 0.0
+            assert abs(float(adv[i, j]) - expect) < 1e-6
