@@ -34,6 +34,17 @@ case "$job" in
     fi
     # The CUDA kernel of that library compiles for sm_90 wherever nvcc exists (nothing runs).
     bash scripts/check_native_cuda_compile.sh
+    # tests/test_integration_verl.py: verl without its dependencies (it pins an older
+    # transformers, and would pull a CUDA stack), plus what verl.trainer.ppo.core_algos imports.
+    # An extra cannot say --no-deps; the stamp makes it once per verl pin.
+    verl_want="verl==0.9.1 ray omegaconf tensordict<=0.10 codetiming"
+    verl_stamp="$venv/.rankgrpo-verl"
+    if [ "$(cat "$verl_stamp" 2>/dev/null || true)" != "$verl_want" ]; then
+      "$py" -m pip install -q --no-deps "verl==0.9.1" \
+        && "$py" -m pip install -q ray omegaconf "tensordict<=0.10" codetiming \
+        && echo "$verl_want" > "$verl_stamp" \
+        || { echo "verl install failed: its tests will be skipped"; [ -z "${CI:-}" ] || exit 1; }
+    fi
     exec "$py" -m pytest -q "$@"
     ;;
   *)
