@@ -456,6 +456,9 @@ def run_rra(cfg: RRAConfig, *, teacher: Teacher | None = None,
         with atomic_write_text(out / "ablation.md") as f:
             f.write(ablation_markdown(table, len(ev.kept)))
     manifest["cache"] = {"answer_hits": cache.hits, "folder": str(cache_dir)}
+    if hasattr(teacher, "requests_sent"):  # the endpoint teacher's own HTTP cache
+        manifest["cache"]["endpoint_requests_sent"] = teacher.requests_sent
+        manifest["cache"]["endpoint_cache_hits"] = teacher.cache_hits
     manifest["seconds"] = {"load": round(t_load, 1), "train_scoring": round(t_train, 1),
                            "total": round(time.time() - t0, 1)}
     manifest["output"] = str(out / "sft.jsonl")
