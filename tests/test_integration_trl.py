@@ -294,6 +294,20 @@ def test_rank_level_loss_matches_logits_reference(world, tmp_path):
     assert abs(float(loss) - float(ref)) <= 1e-5 * max(1.0, abs(float(ref)))
 
 
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """The README's "Rank-GRPO in TRL" block, run as written (in a temporary directory)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Rank-GRPO in TRL", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    assert any(isinstance(v, type) and v.__name__ == "RankGRPOTrainer"
+               for v in namespace.values())
+
+
 @pytest.mark.parametrize("loss_type", [lt for lt in TRL_LOSSES
                                        if isinstance(TRL_LOSS_TYPES[lt], str)])
 def test_refused_loss_types_fail_at_config_time(loss_type, tmp_path):
