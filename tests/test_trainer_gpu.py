@@ -63,7 +63,8 @@ def test_gpu_trainer_loss_equals_fp64_reference(world, level):
     loss, _ = rank_grpo_loss(logp, batch.old_logp, batch.advantages.double(),
                              batch.segment_ids, batch.completion_mask, ref_logp=batch.ref_logp,
                              beta=cfg.beta, level=level, normalizer=batch.normalizer,
-                             num_segments=NUM_RANKS + 1, backend="reference")
+                             num_segments=NUM_RANKS + 1, advantages_per="token",
+                             backend="reference")
     loss.backward()
     assert m["loss"] == pytest.approx(float(loss.detach()), rel=1e-3, abs=1e-5)
     for n, q in model.named_parameters():
