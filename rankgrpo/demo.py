@@ -43,7 +43,21 @@ KS = (5, 10, 20)
 METRIC_KEYS = tuple(f"{m}@{k}" for k in KS for m in ("recall", "ndcg"))
 # The stage-2 row ("rank_grpo") is named from its config: `stage2_label`.
 LABELS = {"teacher": "teacher (taste chart)", "popularity": "popularity (global)",
-          "sft": "SFT", "grpo": "GRPO (sequence DCG)"}
+          "sft": "SFT", "grpo": "GRPO (sequence DCG)", "rank_grpo_log": "Rank-GRPO (log)"}
+# Stage-2 variants trained from the same SFT model with --compare (issue 16): the config's
+# stage 2 (Rank-GRPO exp_inf by default), Rank-GRPO with the causal-DCG `log` reward, and
+# vanilla GRPO (one sequence DCG reward, token-level ratio, clip 0.2 / 0.26).
+COMPARE = {"rank_grpo_log": {"reward_kind": "log", "importance_sampling_level": "rank"},
+           "grpo": {"reward_kind": "sequence_dcg", "importance_sampling_level": "token",
+                    "epsilon": 0.2, "epsilon_high": 0.26}}
+# The synthetic worlds (docs/demo/control-world-design.md): "coherent" is the default world,
+# whose SFT teacher lists one taste's chart (the first item decides the rest); "control" is
+# the same world with the global teacher (no taste coherence across ranks).
+WORLDS = {"coherent": "taste_chart", "control": "global"}
+# Per-step rollout metrics averaged over a run (rankgrpo/rl_step.py): how much of the reward
+# carries no group-relative signal, and how many loss tokens get a non-zero advantage.
+SIGNAL_KEYS = ("frac_reward_zero_std", "frac_reward_zero_std_cells",
+               "frac_tokens_nonzero_advantage")
 
 
 def stage2_label(grpo) -> str:
@@ -69,8 +83,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="run part a for this many seeds (seed, seed+1, ...) and report the "
                         "spread; part b runs once")
     p.add_argument("--compare", action="store_true",
-                   help="also train vanilla GRPO (sequence-DCG reward, token-level ratio) "
-                        "from the same SFT model")
+                   help="also train Rank-GRPO with the log reward and vanilla GRPO "
+                        "(sequence-DCG reward, token-level ratio) from the same SFT model")
+    p.add_argument("--world", choices=("coherent", "control", "both"), default="coherent",
+                   help="synthetic world(s): coherent (default; the SFT teacher lists one "
+                        "taste), control (the global teacher: no list-level coherence; "
+                        "docs/demo/control-world-design.md) or both")
+    p.add_argument("--segment-modes", default=None,
+                   help="comma list, e.g. newline,aligned: run every rank-level method once "
+                        "per segment mode (default: the config's grpo.segment_mode)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny world and a few steps (tests; numbers mean nothing)")
     p.add_argument("--skip-redial", action="store_true", help="skip part b")
@@ -140,14 +161,46 @@ def _curve(history: list[dict], key: str = "ndcg@10") -> list[list[float]]:
 
 # ----------------------------------------------------------------------------- part a
 
+def stage2_runs(cfg, compare: bool, segment_modes: list[str] | None) -> list[tuple[str, dict]]:
+    """(name, GRPOConfig changes) of every stage-2 run trained from one SFT model. With
+    several segment modes each rank-level run is repeated per mode, named `name@mode`
+    (token-level GRPO does not use segments and runs once)."""
+    runs = [("rank_grpo", {})] + (list(COMPARE.items()) if compare else [])
+    if not segment_modes or len(segment_modes) == 1:
+        mode = {"segment_mode": segment_modes[0]} if segment_modes else {}
+        return [(n, {**c, **mode}) for n, c in runs]
+    out = []
+    for name, changes in runs:
+        level = changes.get("importance_sampling_level", cfg.grpo.importance_sampling_level)
+        if level == "token":
+            out.append((name, changes))
+        else:
+            out += [(f"{name}@{m}", {**changes, "segment_mode": m}) for m in segment_modes]
+    return out
+
+
+def _signal(history: list[dict]) -> dict[str, float]:
+    """Run means of SIGNAL_KEYS over the logged steps (keys looked up by suffix)."""
+    out = {}
+    for key in SIGNAL_KEYS:
+        vals = [float(v) for h in history for k, v in h.items()
+                if (k == key or k.endswith("/" + key)) and v is not None]
+        if vals:
+            out[key] = round(sum(vals) / len(vals), 4)
+    return out
+
+
 def run_synthetic(seed: int, cfg, out: Path, *, compare: bool, quick: bool, log,
-                  world_config=None) -> dict:
-    """Part a for one seed: world -> teacher -> SFT -> Rank-GRPO (-> GRPO). Returns metrics,
-    curves and the per-rank training rewards."""
+                  world_config=None, world_name: str = "coherent",
+                  segment_modes: list[str] | None = None) -> dict:
+    """Part a for one seed and world: world -> teacher -> SFT -> the stage-2 runs of
+    `stage2_runs` (Rank-GRPO; with `compare` also Rank-GRPO log and GRPO), each from the same
+    SFT model. Returns metrics, curves, the per-rank training rewards and per-run reward
+    signal statistics (SIGNAL_KEYS)."""
     from .catalog import Catalog
     from .metrics import evaluate as score_texts
     from .sft import sft_train
-    from .synthetic import WorldConfig, build_world
+    from .synthetic import WorldConfig, build_world, list_coherence
     from .teacher import PopularityTeacher, format_completion
     from .tiny import build_tokenizer, prompt_prefix, tiny_model
     from .train import grpo_train
@@ -157,12 +210,20 @@ def run_synthetic(seed: int, cfg, out: Path, *, compare: bool, quick: bool, log,
     if quick:
         wcfg = WorldConfig(num_items=60, num_tastes=4, num_train_users=24,
                            num_heldout_users=6, num_recommendations=n)
+    wcfg = dataclasses.replace(wcfg, teacher=WORLDS[world_name])
     t0 = time.perf_counter()
     world = build_world(seed, wcfg)
     catalog = Catalog((t, int(y)) for t, y in world.items)
     tok = build_tokenizer(world.titles, texts=[r["prompt"] for r in world.train],
                           words=world.taste_words, phrases=[prompt_prefix(n)])
     info = world.summary()
+    info["name"] = world_name
+    info["coherence"] = {k: round(v, 4) for k, v in list_coherence(world).items()}
+    c = info["coherence"]
+    log(f"[synthetic seed {seed}] world {world_name!r} (teacher {wcfg.teacher}): items 2..N "
+        f"share item 1's taste {c['same_taste_as_first']:.0%}; hits at ranks 2..N "
+        f"{c['hits_after_first_in_taste']:.2f} with item 1 in the user's taste, "
+        f"{c['hits_after_first_off_taste']:.2f} otherwise (teacher lists, held-out)")
     log(f"[synthetic seed {seed}] SYNTHETIC world: {info['items']} real catalog titles with "
         f"random latent tastes {info['tastes']}; {info['train_records']} train conversations "
         f"({info['train_users']} users) / {info['heldout_records']} held-out "
@@ -183,26 +244,26 @@ def run_synthetic(seed: int, cfg, out: Path, *, compare: bool, quick: bool, log,
         "; SFT loss also on the conversation tokens (stand-in for language pretraining)"
     log(f"[synthetic seed {seed}] tiny Qwen2 from scratch: {params / 1e6:.2f}M parameters; "
         f"SFT teacher: a random taste's popularity chart, blind to the conversation{whole}")
-    base = out / "synthetic" / f"seed{seed}"
+    base = out / "synthetic" / (f"seed{seed}" if world_name == "coherent"
+                                else f"{world_name}-seed{seed}")
     sft = sft_train(model, tok, world.train, _with(cfg.sft, output_dir=str(base / "sft"),
                                                    seed=seed),
                     catalog=catalog, num_ranks=n, eval_records=world.heldout,
                     eval_config=cfg.eval)
     results["sft"] = _pick(sft.eval_history[-1])
     diagnostics = {"sft": _diag(sft.eval_history[-1])}
-    sft_model = sft.model
-    spare = copy.deepcopy(sft_model) if compare else None
     curves: dict[str, list] = {"sft": _curve(sft.eval_history[-1:])}
     rewards: dict[str, list] = {}
+    signal: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
 
-    runs = [("rank_grpo", sft_model, {})]
-    if compare:
-        runs.append(("grpo", spare, {"reward_kind": "sequence_dcg",
-                                     "importance_sampling_level": "token",
-                                     "epsilon": 0.2, "epsilon_high": 0.26}))
-    for name, policy, changes in runs:
-        gcfg = _with(cfg.grpo, output_dir=str(base / name.replace("_", "-")), seed=seed,
-                     **changes)
+    runs = stage2_runs(cfg, compare, segment_modes)
+    for i, (name, changes) in enumerate(runs):
+        # every run starts from the same SFT weights (the last one may consume them)
+        policy = sft.model if i == len(runs) - 1 else copy.deepcopy(sft.model)
+        gcfg = _with(cfg.grpo, output_dir=str(base / name.replace("_", "-").replace("@", "-")),
+                     seed=seed, **changes)
+        t_run = time.perf_counter()
         res = grpo_train(policy, tok, world.train, catalog, gcfg, num_ranks=n,
                          eval_records=world.heldout, eval_config=cfg.eval)
         results[name] = _pick(res.eval_history[-1])
@@ -211,9 +272,15 @@ def run_synthetic(seed: int, cfg, out: Path, *, compare: bool, quick: bool, log,
         curves[name] = start + _curve(res.eval_history)
         rewards[name] = [[float(h["step"])] + [float(h.get(f"relevance/rank_{k + 1}", math.nan))
                                                for k in range(n)] for h in res.history]
+        signal[name] = _signal(res.history)
+        seconds[name] = round(time.perf_counter() - t_run, 1)
+        log(f"[synthetic seed {seed}] {world_name} {name}: NDCG@10 "
+            f"{results[name]['ndcg@10']:.4f} ({seconds[name]:.0f} s); " +
+            ", ".join(f"{k} {v:.3f}" for k, v in signal[name].items()))
         del policy
-    return {"seed": seed, "metrics": results, "curves": curves, "relevance_per_rank": rewards,
-            "diagnostics": diagnostics,
+    return {"seed": seed, "world_name": world_name, "metrics": results, "curves": curves,
+            "relevance_per_rank": rewards, "diagnostics": diagnostics, "signal": signal,
+            "run_seconds": seconds,
             "world": info, "vocab_size": len(tok), "parameters": params,
             "seconds": time.perf_counter() - t0}
 
@@ -325,29 +392,31 @@ def run_redial(seed: int, cfg, out: Path, *, quick: bool, log, max_turns: int = 
 # ----------------------------------------------------------------------------- reporting
 
 def _table(rows: list[tuple[str, dict]]) -> str:
-    head = f"{'':24s}" + "".join(f"{k:>11s}" for k in METRIC_KEYS)
+    w = max([24] + [len(name) + 1 for name, _ in rows])
+    head = " " * w + "".join(f"{k:>11s}" for k in METRIC_KEYS)
     lines = [head]
     for name, m in rows:
-        lines.append(f"{name:24s}" + "".join(f"{m[k]:11.4f}" for k in METRIC_KEYS))
+        lines.append(f"{name:{w}s}" + "".join(f"{m[k]:11.4f}" for k in METRIC_KEYS))
     return "\n".join(lines)
 
 
 def seed_summary(runs: list[dict]) -> dict:
-    """Per-seed NDCG@10 / Recall@10, means, spreads (max - min) and the Rank-GRPO lift."""
-    methods = [m for m in ("teacher", "popularity", "sft", "rank_grpo", "grpo")
-               if m in runs[0]["metrics"]]
+    """Per-seed NDCG@10 / Recall@10 of every method, means, spreads (max - min) and the lift
+    of the first Rank-GRPO run (`rank_grpo`, or `rank_grpo@<mode>`) over SFT."""
+    methods = list(runs[0]["metrics"])
+    main_rg = next(m for m in methods if m.split("@")[0] == "rank_grpo")
     table = []
     for r in runs:
         row = {"seed": r["seed"]}
         for m in methods:
             row[f"{m}/ndcg@10"] = r["metrics"][m]["ndcg@10"]
             row[f"{m}/recall@10"] = r["metrics"][m]["recall@10"]
-        row["lift/ndcg@10"] = row["rank_grpo/ndcg@10"] - row["sft/ndcg@10"]
+        row["lift/ndcg@10"] = row[f"{main_rg}/ndcg@10"] - row["sft/ndcg@10"]
         table.append(row)
     keys = [k for k in table[0] if k != "seed"]
     mean = {k: sum(t[k] for t in table) / len(table) for k in keys}
     spread = {k: max(t[k] for t in table) - min(t[k] for t in table) for k in keys}
-    worst = max(spread["sft/ndcg@10"], spread["rank_grpo/ndcg@10"])
+    worst = max(spread["sft/ndcg@10"], spread[f"{main_rg}/ndcg@10"])
     return {"per_seed": table, "mean": mean, "spread": spread,
             "min_lift_ndcg@10": min(t["lift/ndcg@10"] for t in table),
             "largest_spread_ndcg@10": worst,
@@ -358,17 +427,29 @@ def _seed_table(summary: dict) -> str:
     cols = [k for k in summary["per_seed"][0] if k != "seed"]
     short = [c.replace("rank_grpo", "RG").replace("teacher", "teach").replace("popularity", "pop")
              .replace("/", " ") for c in cols]
-    lines = [f"{'seed':>8s}" + "".join(f"{c:>16s}" for c in short)]
+    w = [max(16, len(c) + 2) for c in short]
+    lines = [f"{'seed':>8s}" + "".join(f"{c:>{n}s}" for c, n in zip(short, w))]
     for row in summary["per_seed"]:
-        lines.append(f"{row['seed']:8d}" + "".join(f"{row[c]:16.4f}" for c in cols))
-    lines.append(f"{'mean':>8s}" + "".join(f"{summary['mean'][c]:16.4f}" for c in cols))
-    lines.append(f"{'spread':>8s}" + "".join(f"{summary['spread'][c]:16.4f}" for c in cols))
+        lines.append(f"{row['seed']:8d}" + "".join(f"{row[c]:{n}.4f}" for c, n in zip(cols, w)))
+    for what in ("mean", "spread"):
+        lines.append(f"{what:>8s}" + "".join(f"{summary[what][c]:{n}.4f}"
+                                             for c, n in zip(cols, w)))
     return "\n".join(lines)
 
 
-def save_plots(runs: list[dict], out: Path, labels: dict[str, str]) -> list[str]:
-    """rewards_per_rank.png (training relevance per rank, first seed) and heldout_ndcg.png
-    (held-out NDCG@10 over RL steps, every seed); `labels` names the methods."""
+def method_label(name: str, labels: dict[str, str]) -> str:
+    """`rank_grpo@aligned` -> "Rank-GRPO (exp_inf) [aligned]"."""
+    base, _, mode = name.partition("@")
+    return labels.get(base, base) + (f" [{mode}]" if mode else "")
+
+
+def save_plots(runs: list[dict], out: Path, labels: dict[str, str],
+               suffix: str = "") -> list[str]:
+    """rewards_per_rank{suffix}.png (training relevance per rank, first seed) and
+    heldout_ndcg{suffix}.png (held-out NDCG@10 over RL steps, every seed); `labels` names
+    the methods."""
+    labels = {**labels, **{k: method_label(k, labels) for r in runs for k in r["metrics"]}}
+    world = runs[0].get("world_name", "coherent")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -396,15 +477,18 @@ def save_plots(runs: list[dict], out: Path, labels: dict[str, str]) -> list[str]
         ax.set_ylabel(f"mean relevance at rank k (moving avg {window})")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("SYNTHETIC world: per-rank rewards of the sampled lists", fontsize=10)
+    fig.suptitle(f"SYNTHETIC world ({world}): per-rank rewards of the sampled lists",
+                 fontsize=10)
     fig.tight_layout()
-    p = out / "rewards_per_rank.png"
+    p = out / f"rewards_per_rank{suffix}.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(str(p))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"rank_grpo": "tab:blue", "grpo": "tab:orange"}
+    palette = ("tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:red", "tab:brown")
+    colors = {k: palette[i % len(palette)] for i, k in
+              enumerate(k for k in runs[0]["curves"] if k != "sft")}
     for i, run in enumerate(runs):
         for name, pts in run["curves"].items():
             if name == "sft" or not pts:
@@ -418,16 +502,79 @@ def save_plots(runs: list[dict], out: Path, labels: dict[str, str]) -> list[str]
                    label=labels["popularity"] if i == 0 else None)
     ax.set_xlabel("RL step (0 = the SFT model)")
     ax.set_ylabel("held-out NDCG@10")
-    ax.set_title(f"SYNTHETIC world: held-out NDCG@10 over Rank-GRPO steps "
+    ax.set_title(f"SYNTHETIC world ({world}): held-out NDCG@10 over RL steps "
                  f"({len(runs)} seed{'s' if len(runs) > 1 else ''})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p = out / "heldout_ndcg.png"
+    p = out / f"heldout_ndcg{suffix}.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(str(p))
     return paths
+
+
+def compare_summary(runs: list[dict]) -> dict[str, dict]:
+    """Per stage-2 method over seeds: NDCG@10 per seed and mean, mean signal statistics
+    (SIGNAL_KEYS) and mean wall seconds of its RL run."""
+    out: dict[str, dict] = {}
+    for name in runs[0].get("signal", {}):
+        nd = [r["metrics"][name]["ndcg@10"] for r in runs]
+        rec = [r["metrics"][name]["recall@10"] for r in runs]
+        row = {"ndcg@10": nd, "mean_ndcg@10": sum(nd) / len(nd),
+               "mean_recall@10": sum(rec) / len(rec),
+               "mean_run_seconds": sum(r["run_seconds"][name] for r in runs) / len(runs)}
+        for k in SIGNAL_KEYS:
+            vals = [r["signal"][name][k] for r in runs if k in r["signal"][name]]
+            if vals:
+                row[k] = sum(vals) / len(vals)
+        out[name] = row
+    return out
+
+
+def _compare_table(summary: dict[str, dict], labels: dict[str, str]) -> str:
+    lines = [f"{'method':34s}{'NDCG@10 per seed':>26s}{'mean':>8s}{'R@10':>8s}"
+             f"{'0-std prompts':>15s}{'0-std cells':>13s}{'tok A!=0':>10s}{'s/run':>8s}"]
+    for name, row in summary.items():
+        per = " ".join(f"{v:.4f}" for v in row["ndcg@10"])
+        lines.append(f"{method_label(name, labels):34s}{per:>26s}{row['mean_ndcg@10']:8.4f}"
+                     f"{row['mean_recall@10']:8.4f}"
+                     f"{row.get('frac_reward_zero_std', math.nan):15.3f}"
+                     f"{row.get('frac_reward_zero_std_cells', math.nan):13.3f}"
+                     f"{row.get('frac_tokens_nonzero_advantage', math.nan):10.3f}"
+                     f"{row['mean_run_seconds']:8.0f}")
+    return "\n".join(lines)
+
+
+def save_compare_plot(by_world: dict[str, list[dict]], out: Path,
+                      labels: dict[str, str]) -> str:
+    """compare_ndcg.png: held-out NDCG@10 of every stage-2 method (and SFT) per world, one
+    dot per seed and a bar at the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(by_world), figsize=(6.5 * len(by_world), 4.5),
+                             squeeze=False, sharey=True)
+    for ax, (world, runs) in zip(axes[0], by_world.items()):
+        names = ["sft"] + list(runs[0].get("signal", {}))
+        for i, name in enumerate(names):
+            vals = [r["metrics"][name]["ndcg@10"] for r in runs]
+            ax.bar(i, sum(vals) / len(vals), color="tab:blue" if i else "grey", alpha=0.5)
+            ax.plot([i] * len(vals), vals, "k.", ms=6)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([method_label(n, labels) for n in names], rotation=25, ha="right",
+                           fontsize=8)
+        ax.set_title(f"SYNTHETIC world '{world}' ({len(runs)} seed"
+                     f"{'s' if len(runs) > 1 else ''})", fontsize=10)
+        ax.set_ylabel("held-out NDCG@10")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    p = out / "compare_ndcg.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return str(p)
 
 
 def write_results(path: Path, results: dict) -> None:
@@ -474,6 +621,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cfg, rcfg = _quick_config(cfg), _quick_config(rcfg)
     labels = {**LABELS, "rank_grpo": stage2_label(cfg.grpo)}
+    modes = [m.strip() for m in args.segment_modes.split(",")] if args.segment_modes else None
+    from .config import SEGMENT_MODES
+
+    if modes and (not all(m in SEGMENT_MODES for m in modes) or len(set(modes)) != len(modes)):
+        print(f"rankgrpo demo: --segment-modes: expected distinct values of "
+              f"{sorted(SEGMENT_MODES)}, got {args.segment_modes!r}", file=sys.stderr)
+        return 2
+    worlds = ["coherent", "control"] if args.world == "both" else [args.world]
+
+    def wlab(world: str) -> dict[str, str]:  # the control world's teacher is the global chart
+        return {**labels, "teacher": "teacher (global draw)"} if world == "control" else labels
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -483,18 +641,27 @@ def main(argv: list[str] | None = None) -> int:
     log("rankgrpo demo: part a is a SYNTHETIC world (labelled so everywhere); part b is "
         "real ReDial data.")
     log(TOKENIZER_NOTE)
-    runs = []
-    for s in range(args.seed, args.seed + args.seeds):
-        runs.append(run_synthetic(s, cfg, out, compare=args.compare, quick=args.quick,
-                                  log=log))
-        m = runs[-1]["metrics"]
-        log(f"\nSYNTHETIC world, seed {s}, held-out ({runs[-1]['world']['heldout_records']} "
-            f"conversations):\n" + _table([(labels[k], m[k]) for k in m]) + "\n")
+    by_world: dict[str, list[dict]] = {}
+    for world in worlds:
+        runs = by_world.setdefault(world, [])
+        for s in range(args.seed, args.seed + args.seeds):
+            runs.append(run_synthetic(s, cfg, out, compare=args.compare, quick=args.quick,
+                                      log=log, world_name=world, segment_modes=modes))
+            m = runs[-1]["metrics"]
+            log(f"\nSYNTHETIC world {world!r}, seed {s}, held-out "
+                f"({runs[-1]['world']['heldout_records']} conversations):\n"
+                + _table([(method_label(k, wlab(world)), m[k]) for k in m]) + "\n")
     redial = None
     if not args.skip_redial:
         redial = run_redial(args.seed, rcfg, out, quick=args.quick, log=log,
                             max_turns=args.redial_turns, max_items=args.redial_items)
-    plots = save_plots(runs, out, labels)
+    plots = []
+    for world, runs in by_world.items():
+        plots += save_plots(runs, out, labels, "" if world == worlds[0] else f"_{world}")
+    multi = args.compare or len(worlds) > 1 or bool(modes and len(modes) > 1)
+    if multi:
+        plots.append(save_compare_plot(by_world, out, labels))
+    runs = by_world[worlds[0]]
     first = runs[0]
     results: dict[str, Any] = {**first["metrics"]}
     results["redial"] = redial
@@ -506,7 +673,21 @@ def main(argv: list[str] | None = None) -> int:
     if len(runs) > 1:
         results["seeds"] = seed_summary(runs)
         results["seeds"]["curves"] = {r["seed"]: r["curves"] for r in runs}
-    results["labels"] = labels
+    results["worlds"] = {
+        w: {"coherence": [r["world"]["coherence"] for r in rs],
+            "teacher": rs[0]["world"]["config"]["teacher"],
+            "per_seed": [{k: r[k] for k in ("seed", "metrics", "diagnostics", "signal",
+                                            "run_seconds", "seconds")} for r in rs],
+            "compare": compare_summary(rs),
+            **({"seeds": seed_summary(rs)} if len(rs) > 1 else {})}
+        for w, rs in by_world.items()}
+    results["settings"] = {"world": args.world, "compare": bool(args.compare),
+                           "segment_modes": modes or [cfg.grpo.segment_mode],
+                           "seeds": list(range(args.seed, args.seed + args.seeds)),
+                           "config": args.config, "overrides": list(args.overrides),
+                           "grpo_max_steps": cfg.grpo.max_steps}
+    results["labels"] = {**labels, **{k: method_label(k, labels) for rs in by_world.values()
+                                      for k in rs[0]["metrics"]}}
     results["plots"] = plots
     results["quick"] = bool(args.quick)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -516,16 +697,26 @@ def main(argv: list[str] | None = None) -> int:
     write_results(out / "demo_results.json", results)
 
     log("=" * 90)
-    for r in runs:
-        log(f"SYNTHETIC world (labelled synthetic), seed {r['seed']}, held-out:\n" +
-            _table([(labels[k], v) for k, v in r["metrics"].items()]))
-    if len(runs) > 1:
-        summ = results["seeds"]
-        log(f"\n{len(runs)} seeds, NDCG@10 / Recall@10 (RG = Rank-GRPO; lift = RG - SFT):\n"
-            + _seed_table(summ))
-        verdict = "exceeds" if summ["lift_exceeds_spread"] else "does NOT exceed"
-        log(f"smallest lift {summ['min_lift_ndcg@10']:.4f} {verdict} the largest seed spread "
-            f"{summ['largest_spread_ndcg@10']:.4f} (SFT or Rank-GRPO NDCG@10)")
+    for world, rs in by_world.items():
+        for r in rs:
+            log(f"SYNTHETIC world {world!r} (labelled synthetic), seed {r['seed']}, held-out:\n"
+                + _table([(method_label(k, wlab(world)), v)
+                          for k, v in r["metrics"].items()]))
+        if len(rs) > 1:
+            summ = seed_summary(rs)
+            log(f"\n{world!r}: {len(rs)} seeds, NDCG@10 / Recall@10 (RG = Rank-GRPO; lift = "
+                "RG - SFT):\n" + _seed_table(summ))
+            verdict = "exceeds" if summ["lift_exceeds_spread"] else "does NOT exceed"
+            log(f"smallest lift {summ['min_lift_ndcg@10']:.4f} {verdict} the largest seed "
+                f"spread {summ['largest_spread_ndcg@10']:.4f} (SFT or Rank-GRPO NDCG@10)")
+        if multi:
+            c = rs[0]["world"]["coherence"]
+            log(f"\nworld {world!r}: stage-2 methods from the same SFT model (mean over "
+                f"{len(rs)} seed{'s' if len(rs) > 1 else ''}; 0-std = share of prompts / "
+                "(prompt, rank) cells whose rewards have zero spread; tok A!=0 = share of loss "
+                "tokens with a non-zero advantage); teacher lists: items 2..N share item 1's "
+                f"taste {c['same_taste_as_first']:.0%} (seed {rs[0]['seed']}):\n"
+                + _compare_table(results["worlds"][world]["compare"], labels))
     if redial is not None:
         log(f"\nReDial (real data, {redial['train_records']} train / {redial['test_records']} "
             "test records; no lift claimed on CPU):\n" +

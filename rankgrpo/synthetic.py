@@ -362,3 +362,39 @@ def build_world(seed: int = 0, config: WorldConfig | None = None,
                  popularity=popularity, taste_names=taste_names, train=train, heldout=heldout,
                  train_users=train_users, heldout_users=heldout_users,
                  user_tastes={**t1, **t2})
+
+
+def list_coherence(world: World, lists: list[list[str]] | None = None) -> dict[str, float]:
+    """How much a list's first item decides the rest (issue 16's credit-assignment question).
+
+    lists: one list of `Title (Year)` strings per held-out record (default: the teacher's
+    completions, i.e. what SFT imitates). Returns
+      same_taste_as_first: mean share of items 2..N whose taste equals item 1's;
+      hits_after_first_in_taste / hits_after_first_off_taste: mean ground-truth hits at ranks
+        2..N over lists whose item 1 is / is not in the user's main taste (nan if none);
+      first_in_taste_rate: share of lists whose item 1 is in the user's main taste.
+    Items outside the world's catalog are skipped.
+    """
+    index = {f"{t} ({y})": i for i, (t, y) in enumerate(world.items)}
+    if lists is None:
+        lists = [r["completion"].split("\n") for r in world.heldout]
+    if len(lists) != len(world.heldout):
+        raise ValueError(f"lists: expected {len(world.heldout)} (one per held-out record), "
+                         f"got {len(lists)}")
+    same, hits_in, hits_off = [], [], []
+    for rec, user, lst in zip(world.heldout, world.heldout_users, lists):
+        ids = [index[s] for s in lst if s in index]
+        if len(ids) < 2:
+            continue
+        gt = {t for t, _ in rec["groundtruth_with_release_year"]}
+        first = world.item_taste[ids[0]]
+        same.append(float(np.mean([world.item_taste[i] == first for i in ids[1:]])))
+        hits = float(sum(world.items[i][0] in gt for i in ids[1:]))
+        (hits_in if first == world.user_tastes[user][0] else hits_off).append(hits)
+
+    def mean(xs: list[float]) -> float:
+        return float(np.mean(xs)) if xs else float("nan")
+
+    return {"same_taste_as_first": mean(same), "hits_after_first_in_taste": mean(hits_in),
+            "hits_after_first_off_taste": mean(hits_off),
+            "first_in_taste_rate": len(hits_in) / max(1, len(hits_in) + len(hits_off))}
