@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -178,8 +179,8 @@ class Scored:
     kept: list[int] = field(default_factory=list)  # indices into the split's records
     teacher_text: list[str] = field(default_factory=list)
     teacher_items: list[list[tuple[str, int]]] = field(default_factory=list)
-    remap: torch.Tensor | None = None  # [n_kept, C]
-    reflect: torch.Tensor | None = None  # [n_kept, C]
+    remap: torch.Tensor | None = None  # [n_kept, C], memory-mapped when a folder is given
+    reflect: torch.Tensor | None = None  # [n_kept, C], memory-mapped when a folder is given
     skips: Counter = field(default_factory=Counter)
     counts: Counter = field(default_factory=Counter)
 
@@ -240,10 +241,21 @@ def _seen_mask(record: Mapping[str, Any], titles: Sequence[str]) -> torch.Tensor
     return torch.tensor([t in seen for t in titles], dtype=torch.bool)
 
 
+def score_matrix(n: int, c: int, path: Path | None) -> torch.Tensor:
+    """A float32 [n, C] matrix: in memory, or backed by a file at `path` (a memory map, so a
+    large n x C never has to fit in memory; rows are written as they are computed)."""
+    if path is None:
+        return torch.zeros(n, c)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return torch.from_numpy(np.memmap(path, dtype=np.float32, mode="w+", shape=(n, c)))
+
+
 def score_split(records: Sequence[Mapping[str, Any]], teacher: Teacher, embedder: Embedder,
                 cache: AnswerCache, catalog_items: list[tuple[str, int]],
-                catalog_emb: torch.Tensor, cfg: RRAConfig, desc: str) -> Scored:
-    """Teacher lists, Eq. 10 and (when the teacher can rate) Eq. 11 for each record."""
+                catalog_emb: torch.Tensor, cfg: RRAConfig, desc: str,
+                scores_dir: Path | None = None) -> Scored:
+    """Teacher lists, Eq. 10 and (when the teacher can rate) Eq. 11 for each record; the
+    score matrices live in `scores_dir` as memory-mapped files when it is given."""
     index = {it: c for c, it in enumerate(catalog_items)}
     titles = [t for t, _ in catalog_items]
     res = Scored()
@@ -264,14 +276,16 @@ def score_split(records: Sequence[Mapping[str, Any]], teacher: Teacher, embedder
     item_emb = dict(zip(uniq, embedder.encode(uniq))) if uniq else {}
     conv_emb = embedder.encode([conversation_of(records[i]).text for i in res.kept])
     c = len(catalog_items)
-    rows = []
+    n = len(res.kept)
+    res.remap = score_matrix(n, c, scores_dir / f"{desc}_remap.f32" if scores_dir else None)
+    res.reflect = score_matrix(n, c, scores_dir / f"{desc}_reflect.f32" if scores_dir else None)
     for j, items in enumerate(res.teacher_items):
         emb = (torch.stack([item_emb[f"{t} ({y})"] for t, y in items]) if items
                else torch.zeros(0, catalog_emb.shape[1]))
         ind = exact_match_indicator(items, index, c)
-        rows.append(remap_scores(emb, ind, conv_emb[j], catalog_emb, lam=cfg.lambda_context))
-    res.remap = torch.stack(rows)
-    res.reflect = res.remap.clone()
+        res.remap[j] = remap_scores(emb, ind, conv_emb[j], catalog_emb,
+                                    lam=cfg.lambda_context)
+        res.reflect[j] = res.remap[j]
     if not (cfg.reflect and cfg.reflect_top > 0 and teacher.can_rate):
         return res
     top = min(cfg.reflect_top, c)
@@ -342,13 +356,14 @@ def ablation(records: Sequence[Mapping[str, Any]], scored: Scored, fit: AdjustRe
     table: dict[str, dict[str, float]] = {}
     variants = {"teacher": None, "remap": scored.remap, "remap+reflect": scored.reflect}
     if fit is not None:
-        variants["full"] = fit.apply(scored.reflect)
+        variants["full"] = scored.reflect
     for name, mat in variants.items():
         sums = Counter()
         for j, i in enumerate(scored.kept):
             rec = records[i]
-            recs = (scored.teacher_items[j] if mat is None
-                    else top_items(mat[j], rec, catalog_items, k_max))
+            row = None if mat is None else (fit.apply(mat[j]) if name == "full" else mat[j])
+            recs = (scored.teacher_items[j] if row is None
+                    else top_items(row, rec, catalog_items, k_max))
             gt = rec["groundtruth_with_release_year"]
             seen = rec.get("seen_titles", ())
             for k in KS:
@@ -408,7 +423,9 @@ def run_rra(cfg: RRAConfig, *, teacher: Teacher | None = None,
             f"teacher {teacher.name!r} cannot rate candidates" if not teacher.can_rate
             else "disabled by rra.reflect=false or rra.reflect_top=0")
     t1 = time.time()
-    tr = score_split(train, teacher, embedder, cache, catalog_items, cat_emb, cfg, "train")
+    scores_dir = out / "scores"  # memory-mapped score matrices, removed at the end
+    tr = score_split(train, teacher, embedder, cache, catalog_items, cat_emb, cfg, "train",
+                     scores_dir)
     if not tr.kept:
         raise RRAError(f"no usable training record: all {len(train)} were skipped "
                        f"({dict(tr.skips)})")
@@ -416,27 +433,19 @@ def run_rra(cfg: RRAConfig, *, teacher: Teacher | None = None,
     targets = _targets(train, tr.kept, index)
     fit = None
     if cfg.adjust:
-        # The fit reads the scores through a memory-mapped file, chunk by chunk.
-        out.mkdir(parents=True, exist_ok=True)
-        mm_path = out / "scores_reflect_train.f32"
-        mm = np.memmap(mm_path, dtype=np.float32, mode="w+", shape=tuple(tr.reflect.shape))
-        mm[:] = tr.reflect.numpy()
-        mm.flush()
-        fit = fit_adjust(torch.from_numpy(mm), targets, lambda_w=cfg.lambda_w,
-                         lambda_b=cfg.lambda_b, chunk_size=cfg.adjust_chunk_size,
-                         max_iter=cfg.adjust_max_iter)
-        del mm
-        mm_path.unlink()
+        # The fit reads the memory-mapped scores chunk by chunk.
+        fit = fit_adjust(tr.reflect, targets, lambda_w=cfg.lambda_w, lambda_b=cfg.lambda_b,
+                         chunk_size=cfg.adjust_chunk_size, max_iter=cfg.adjust_max_iter)
         manifest["adjust"] = {"objective": fit.objective, "grad_norm": fit.grad_norm,
                               "iterations": fit.iterations, "pairs": fit.num_pairs,
                               "w_mean": float(fit.w.mean()), "w_std": float(fit.w.std()),
                               "b_std": float(fit.b.std())}
         torch.save({"w": fit.w, "b": fit.b, "catalog": catalog_items}, out / "adjust.pt")
-    final = fit.apply(tr.reflect) if fit is not None else tr.reflect
     sft = []
     for j, i in enumerate(tr.kept):
         rec = dict(train[i])
-        items = top_items(final[j], rec, catalog_items, cfg.num_out)
+        row = fit.apply(tr.reflect[j]) if fit is not None else tr.reflect[j]
+        items = top_items(row, rec, catalog_items, cfg.num_out)
         rec["completion"] = format_completion(items)
         sft.append(rec)
     written = write_jsonl(sft, out / "sft.jsonl")
@@ -446,7 +455,8 @@ def run_rra(cfg: RRAConfig, *, teacher: Teacher | None = None,
                          "records_with_gt_in_catalog": sum(bool(t) for t in targets)}
     if evals:
         t2 = time.time()
-        ev = score_split(evals, teacher, embedder, cache, catalog_items, cat_emb, cfg, "eval")
+        ev = score_split(evals, teacher, embedder, cache, catalog_items, cat_emb, cfg, "eval",
+                         scores_dir)
         table = ablation(evals, ev, fit, catalog, catalog_items) if ev.kept else {}
         manifest["eval"] = {"records": len(evals), "scored": len(ev.kept),
                             "skips": dict(ev.skips), "counts": dict(ev.counts),
@@ -455,6 +465,10 @@ def run_rra(cfg: RRAConfig, *, teacher: Teacher | None = None,
             json.dump({"n": len(ev.kept), "table": table}, f, indent=1)
         with atomic_write_text(out / "ablation.md") as f:
             f.write(ablation_markdown(table, len(ev.kept)))
+    del tr
+    if evals:
+        del ev
+    shutil.rmtree(scores_dir, ignore_errors=True)
     manifest["cache"] = {"answer_hits": cache.hits, "folder": str(cache_dir)}
     if hasattr(teacher, "requests_sent"):  # the endpoint teacher's own HTTP cache
         manifest["cache"]["endpoint_requests_sent"] = teacher.requests_sent
