@@ -1,4 +1,5 @@
-"""Aligned mode: segment ids that follow the parsed items, not raw newlines (SPEC section 5).
+"""Aligned mode: segment ids that follow the parsed items, not raw newlines
+(docs/math.md section 5).
 
 The released code counts raw newlines for the token segments but parsed lines for the
 reward ranks, so a blank line, a heading or a malformed line shifts every later token onto

@@ -1,4 +1,5 @@
-"""Offline evaluation: Recall@K and NDCG@K (SPEC section 10), plus list diagnostics (section 9).
+"""Offline evaluation: Recall@K and NDCG@K (docs/math.md section 10), plus list diagnostics
+(section 9).
 
 Evaluation differs from the reward on purpose, as in the paper: seen and out-of-catalog
 items are removed first and the list compacts (the next item moves up), then a title must
@@ -78,9 +79,9 @@ def ndcg_at_k(recs: Recs, groundtruth: Iterable[Sequence[Any]], seen_titles: Ite
               catalog: Container | None, k: int, *, ideal: str = "groundtruth") -> float:
     """`DCG@k / IDCG@k` of the compacted list, in [0, 1]; 0 when the ideal list is empty.
 
-    ideal: "groundtruth" (IDCG from `min(|GT|, k)` hits, SPEC) or "surviving" (also capped by
-    the number of recommendations left after removing seen and out-of-catalog items, as the
-    released code does).
+    ideal: "groundtruth" (IDCG from `min(|GT|, k)` hits, docs/math.md section 10) or
+    "surviving" (also capped by the number of recommendations left after removing seen and
+    out-of-catalog items, as the released code does).
     """
     if ideal not in IDEALS:
         raise ValueError(f"ideal must be one of {IDEALS}, got {ideal!r}")
@@ -117,7 +118,7 @@ def list_diagnostics(text: str, seen_titles: Iterable[str], catalog: Container |
 
 def aggregate_diagnostics(per_list: Sequence[Mapping[str, int]], num_ranks: int = 20
                           ) -> dict[str, float]:
-    """Batch rates from `list_diagnostics` results (names follow SPEC section 9)."""
+    """Batch rates from `list_diagnostics` results (names follow docs/math.md section 9)."""
     n = len(per_list)
     tot = {k: sum(d[k] for d in per_list) for k in
            ("lines", "parse_failures", "items", "considered", "out_of_catalog", "seen",

@@ -1,4 +1,4 @@
-"""Relevance and rank-level rewards (SPEC sections 2-3).
+"""Relevance and rank-level rewards (docs/math.md sections 2-3).
 
 Public names other programs call: `parse_recommendations`, `rank_relevance`, `rank_rewards`,
 `sequence_dcg` (and `dcg_terms`, the one DCG formula that the rewards, the trainer's rollout
@@ -115,7 +115,7 @@ def rank_relevance(recs: Sequence[tuple[str, int]] | str,
 
 def rank_rewards(relevance: Sequence[float], kind: str = "exp_inf",
                  gamma: float | None = None) -> list[float]:
-    """Rank-level rewards `r_k` from relevance `rel_1..rel_N` (SPEC section 3).
+    """Rank-level rewards `r_k` from relevance `rel_1..rel_N` (docs/math.md section 3).
 
     - "exp_inf": `r_k = rel_k` (the limit Gamma -> inf; the paper's main method);
     - "log": causal DCG, `r_k = sum_{j=k..N} rel_j / log2(j + 1)`, j the absolute rank;

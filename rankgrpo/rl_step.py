@@ -1,4 +1,4 @@
-"""One Rank-GRPO step, as separate units (SPEC sections 4-7):
+"""One Rank-GRPO step, as separate units (docs/math.md sections 4-7):
 
     score_rollout         texts -> relevance -> rank rewards [B, N] (or the sequence DCG [B]),
                           token segment ids (newline or aligned mode), list diagnostics
@@ -95,7 +95,7 @@ def group_advantages_dp(rewards: torch.Tensor, cfg: GRPOConfig,
                         accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(this process's advantages, all rewards). Rows are global in rank order, a group is
     num_generations consecutive rows and may span processes, so rewards are gathered first
-    (SPEC section 4)."""
+    (docs/math.md section 4)."""
     rank, world = world_of(accelerator)
     everything = gather_rows(rewards, accelerator)
     adv = group_advantages(everything, cfg.num_generations, scale=cfg.scale_rewards)
@@ -355,7 +355,7 @@ def rollout_metrics(scored: Scored, rollout: RolloutOutput, all_rewards: torch.T
                     records: Sequence[Mapping[str, Any]], cfg: GRPOConfig, num_ranks: int,
                     accelerator=None) -> dict[str, float]:
     """Reward, per-rank reward and relevance, NDCG of the samples, lengths and list
-    diagnostics over all processes (SPEC section 9; names as TRL where it has them)."""
+    diagnostics over all processes (docs/math.md section 9; names as TRL where it has them)."""
     rel = gather_rows(scored.relevance, accelerator)
     lengths = gather_rows(rollout.completion_mask.sum(1).float(), accelerator)
     truncated = gather_rows(rollout.truncated.float(), accelerator)

@@ -92,8 +92,8 @@ def build_tokenizer(items: Iterable[str], texts: Iterable[str] = (), words: Iter
 
 
 def prompt_prefix(num_ranks: int = 20) -> str:
-    """The fixed instruction that starts every prompt of the paper (SPEC 1), up to and
-    including "Here is the conversation: "; one token in the demo's tokenizers."""
+    """The fixed instruction that starts every prompt of the paper (docs/math.md section 1),
+    up to and including "Here is the conversation: "; one token in the demo's tokenizers."""
     from .prompts import PROMPT_PREFIX
 
     return PROMPT_PREFIX.format(num_ranks=num_ranks)

@@ -1,4 +1,5 @@
-"""SPEC section 10: Recall@K / NDCG@K against hand-worked values, properties, diagnostics."""
+"""docs/math.md section 10: Recall@K / NDCG@K against hand-worked values, properties,
+diagnostics."""
 
 import math
 

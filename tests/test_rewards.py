@@ -1,5 +1,5 @@
-"""SPEC sections 2, 3 and 5: matching, rank rewards and length shaping, against hand-worked
-literals, plus hypothesis properties."""
+"""docs/math.md sections 2, 3 and 5: matching, rank rewards and length shaping, against
+hand-worked literals, plus hypothesis properties."""
 
 import math
 

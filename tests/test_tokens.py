@@ -1,5 +1,5 @@
-"""Tokens -> ranks (SPEC section 5): the newline table, the kernel's vectorised segment ids
-against a slow per-token loop, decoding with offsets, and the aligned mode."""
+"""Tokens -> ranks (docs/math.md section 5): the newline table, the kernel's vectorised segment
+ids against a slow per-token loop, decoding with offsets, and the aligned mode."""
 
 import pytest
 import torch

@@ -107,7 +107,7 @@ def _reference_loss(model, batch, cfg, ref_model=None):
         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
         level=cfg.importance_sampling_level, loss_type=cfg.loss_type,
         max_completion_length=cfg.max_completion_length, normalizer=batch.normalizer,
-        num_segments=NUM_RANKS + 1, backend="reference")
+        num_segments=NUM_RANKS + 1, advantages_per="token", backend="reference")
     return loss
 
 
