@@ -86,6 +86,12 @@ def test_endpoint_round_trip_retry_key_and_cache(server, tmp_path, monkeypatch):
     # the key travelled as a bearer token (the server echoes the header back)
     body = t._post(t._body("hello", 5))
     assert body["auth"] == "Bearer sekrit"
+    # a 4xx answer is not retried and says what went wrong
+    bad = EndpointTeacher(server.url.replace("/v1", "/v2"), "tiny", cache_dir=tmp_path / "e",
+                          backoff=0.01)
+    with pytest.raises(TeacherError, match="HTTP 404.*no route"):
+        bad.recommend(convs[:1], 20)
+    assert bad.requests_sent == 1
     # a rerun re-asks nothing, even with the server gone
     server.stop()
     t2 = EndpointTeacher(server.url, "tiny", cache_dir=tmp_path / "c",
@@ -98,18 +104,21 @@ def test_endpoint_round_trip_retry_key_and_cache(server, tmp_path, monkeypatch):
                         backoff=0.01).recommend(convs[:1], 20)
 
 
-def test_endpoint_http_error_is_clear(server, tmp_path):
-    t = EndpointTeacher(server.url.replace("/v1", "/v2"), "tiny", cache_dir=tmp_path,
-                        backoff=0.01)
-    with pytest.raises(TeacherError, match="HTTP 404.*no route"):
-        t.recommend([conversation_of(load_default_redial("train")[0])], 20)
-
-
 def test_rra_cli_through_the_endpoint(model_dir, tmp_path):
+    from rankgrpo.catalog import load_default_catalog, write_catalog_tsv
+    from rankgrpo.records import groundtruth_pairs
+
+    # a small catalog (the records' ground truth and 150 others) keeps the embedding cheap
+    full = list(load_default_catalog("redial"))
+    keep = set(full[:150])
+    for split, n in (("train", 5), ("test", 3)):
+        keep.update(it for r in load_default_redial(split)[:n] for it in groundtruth_pairs(r)
+                    if it in set(full))
+    write_catalog_tsv(keep, tmp_path / "catalog.tsv")
     s = Server(model_dir, "--max-requests", "200")
     args = ["teacher=endpoint", f"endpoint_url={s.url}", "endpoint_model=tiny",
             "max_records=5", "max_eval_records=3", "reflect_top=5", "max_new_tokens=30",
-            "rate_max_new_tokens=30", "disable_tqdm=true", "catalog=redial",
+            "rate_max_new_tokens=30", "disable_tqdm=true", f"catalog={tmp_path / 'catalog.tsv'}",
             f"output_dir={tmp_path / 'out'}"]
     try:
         assert rra_main(args) == 0
