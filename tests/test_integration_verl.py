@@ -159,3 +159,12 @@ def test_catalog_reward_manager_and_rank_advantages():
             k = int(seg[i, j])
             expect = float(want[i, k]) if 0 <= k < 3 and not eos[i, j] else 0.0
             assert abs(float(adv[i, j]) - expect) < 1e-6
+
+
+def test_docs_table_in_sync():
+    from pathlib import Path
+
+    from rankgrpo.integrations._support import table_markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    assert table_markdown(rv.VERL_OPTIONS) in doc, "regenerate the verl table in the doc"

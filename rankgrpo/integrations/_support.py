@@ -26,6 +26,8 @@ class Option:
     kernel: the `rankgrpo_kernels` keyword (or mechanism) it maps to, when supported.
     unsupported: why it is refused (None when supported); `active(cfg)` says when the refusal
         applies (e.g. only when beta != 0).
+    raises: False for a row that documents a gap without an error of its own (another
+        library's loss we do not replace, a numerical guard we do not apply).
     """
 
     name: str
@@ -33,6 +35,7 @@ class Option:
     kernel: str | None = None
     unsupported: str | None = None
     active: Callable[[Any], bool] | None = None
+    raises: bool = True
 
     @property
     def supported(self) -> bool:
@@ -40,7 +43,8 @@ class Option:
 
     def check(self, cfg: Any) -> None:
         """Raise UnsupportedOptionError naming the option when it is set to what we refuse."""
-        if self.unsupported is not None and (self.active is None or self.active(cfg)):
+        if (self.unsupported is not None and self.raises
+                and (self.active is None or self.active(cfg))):
             raise UnsupportedOptionError(f"{self.name}: {self.unsupported}")
 
 
@@ -54,6 +58,9 @@ def table_markdown(options: tuple[Option, ...]) -> str:
     """The table as Markdown rows (name | meaning | status), for docs/integrations.md."""
     lines = ["| option | meaning | status |", "|---|---|---|"]
     for o in options:
-        status = f"supported: `{o.kernel}`" if o.supported else f"error: {o.unsupported}"
+        if o.supported:
+            status = f"supported: `{o.kernel}`"
+        else:
+            status = ("error: " if o.raises else "not in rankgrpo (no error): ") + o.unsupported
         lines.append(f"| `{o.name}` | {o.meaning} | {status} |")
     return "\n".join(lines)

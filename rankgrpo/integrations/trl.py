@@ -139,11 +139,10 @@ TRL_OPTIONS: tuple[Option, ...] = (
            active=lambda a: bool(getattr(a, "use_vllm", False))
            and bool(getattr(a, "vllm_importance_sampling_correction", False))),
     Option("sapo_temperature_pos / sapo_temperature_neg", "sapo's gate temperatures",
-           unsupported="only used by loss_type='sapo', which is unsupported",
-           active=lambda a: False),
+           unsupported="only used by loss_type='sapo', which raises", raises=False),
     Option("vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg",
-           "vespo's gamma weights", unsupported="only used by loss_type='vespo', which is "
-           "unsupported", active=lambda a: False),
+           "vespo's gamma weights", unsupported="only used by loss_type='vespo', which raises",
+           raises=False),
     Option("router_aux_loss_coef", "MoE load-balancing loss added to the policy loss",
            unsupported="the MoE router auxiliary loss is not added on the fused path yet; "
                        "set router_aux_loss_coef=0.0",
@@ -332,8 +331,20 @@ class RankGRPOTrainer(trl.GRPOTrainer):
         scale = 1.0 if scale is None else float(scale)
         if scale <= 0:
             raise UnsupportedOptionError(f"model config logit_scale={scale}: must be > 0")
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            # ZeRO-3 partitions lm_head.weight outside the head's own forward, and the fused
+            # backward re-reads it: gathering it for both is not implemented yet.
+            raise UnsupportedOptionError(
+                "deepspeed ZeRO-3: the fused loss reads the LM head weight outside the head's "
+                "forward; not supported yet (ZeRO-1/2 and DDP are)")
         head = lm.get_output_embeddings()
         weight = getattr(head, "weight", None)
+        if type(weight).__name__ == "DTensor":
+            raise UnsupportedOptionError(
+                "FSDP2 (sharded lm_head DTensor): gathering the LM head for the fused loss is "
+                "not implemented yet")
         if weight is None or weight.dim() != 2:
             raise UnsupportedOptionError("lm_head: the fused loss needs a plain linear LM head "
                                          "(a PEFT adapter on lm_head is not supported)")

@@ -108,16 +108,14 @@ VERL_OPTIONS: tuple[Option, ...] = (
     Option("entropy_coeff", "entropy bonus; verl adds it outside the policy loss",
            "unchanged: verl's own"),
     Option("policy_loss.loss_mode=geo_mean (GMPO)", "geometric-mean ratio with log-space clip",
-           unsupported="not a rankgrpo loss; keep verl's own geo_mean",
-           active=lambda c: False),
+           unsupported="not a rankgrpo loss; keep verl's own geo_mean", raises=False),
     Option("policy_loss.loss_mode=sapo / cispo / gpg / clip_cov / kl_cov / dro / dppo_* / "
            "bypass_mode", "verl's other losses",
-           unsupported="no rankgrpo equivalent yet; keep verl's own loss_mode",
-           active=lambda c: False),
+           unsupported="no rankgrpo equivalent yet; keep verl's own loss_mode", raises=False),
     Option("log-ratio clamps", "vanilla clamps log(ratio) to [-20, 20], gspo caps the "
            "sequence log-ratio at 10", unsupported="not applied by the kernel: results differ "
-           "only where |log ratio| > 20 (vanilla) or the sequence log ratio > 10 (gspo); see "
-           "docs/integrations.md", active=lambda c: False),
+           "only where abs(log ratio) > 20 (vanilla) or the sequence log ratio > 10 (gspo); "
+           "see docs/integrations.md", raises=False),
 )
 
 
