@@ -4,12 +4,13 @@ docs/math.md section 7) and `metrics_from_sums` (section 9)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 
 import torch
 
-from . import backends
+from . import backends, variants
 from ._validate import (
     FLOAT_DTYPES,
     check_choice,
@@ -29,6 +30,10 @@ from .segment_stage import (
     torch_stage,
 )
 from .segments import level_segment_ids, token_advantages
+from .variants import LOSS_TYPE_TABLE, NATIVE_UNSUPPORTED
+
+# LOSS_TYPES (the trainer's aggregations) plus the variants' names: docs/math.md 7.1
+ALL_LOSS_TYPES = tuple(LOSS_TYPE_TABLE)
 
 __all__ = ["LOSS_TYPES", "LinearRankGRPOLoss", "Prepared", "fused_linear_rank_grpo_loss",
            "loss_normalizer", "metrics_from_sums", "prepare", "rank_grpo_loss"]
@@ -68,7 +73,8 @@ def loss_normalizer(mask: torch.Tensor, segment_ids: torch.Tensor | None, loss_t
 
     bnpo: masked tokens; grpo: rows; dr_grpo: rows x max_completion_length (default: the
     padded length T); rank: non-empty (row, segment) pairs over masked tokens, the overflow
-    bin included.
+    bin included; luspo: rows. dapo, cispo, vespo count as bnpo and sapo as grpo
+    (docs/math.md section 7.1).
 
     Not clamped, so the sums over micro-batches and processes are exact; callers clamp the
     total to >= 1 (`prepare` does, for a single call). No host sync.
@@ -84,14 +90,15 @@ def loss_normalizer(mask: torch.Tensor, segment_ids: torch.Tensor | None, loss_t
     Returns:
         0-dim float64 tensor on mask's device.
     """
-    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_choice("loss_type", loss_type, ALL_LOSS_TYPES)
     check_tensor("mask", mask, ndims=(1, 2))
+    loss_type = LOSS_TYPE_TABLE[loss_type][0]  # its aggregation
     m = _as_2d(mask) != 0
     b, t = m.shape
     f64 = dict(dtype=torch.float64, device=m.device)
     if loss_type == "bnpo":
         return m.sum().to(torch.float64)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "luspo"):
         return torch.tensor(float(b), **f64)
     if loss_type == "dr_grpo":
         length = t if max_completion_length is None else max_completion_length
@@ -179,12 +186,13 @@ def prepare(logp, old_logp, advantages, segment_ids, mask, *, ref_logp=None,
     aggregation weight c_t of every token, so that loss = sum_t c_t l_t for every loss type
     (docs/math.md section 7).
 
-    c_t = u_t / D with u_t = 1 (bnpo, dr_grpo), 1 / tokens in its row (grpo) or 1 / tokens in
-    its segment (rank), and D = `normalizer` or `loss_normalizer(...)` clamped to >= 1. Per-rank
+    c_t = u_t / D with u_t = 1 (bnpo, dr_grpo, luspo), 1 / tokens in its row (grpo) or
+    1 / tokens in its segment (rank), and D = `normalizer` or `loss_normalizer(...)` clamped
+    to >= 1 (the aggregation of each loss type: docs/math.md section 7.1). Per-rank
     advantages become per-token ones through `token_advantages` (docs/math.md section 5).
     """
     check_choice("level", level, LEVELS)
-    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_choice("loss_type", loss_type, ALL_LOSS_TYPES)
     check_tensor("logp", logp, dtypes=FLOAT_DTYPES, ndims=(1, 2))
     check_tensor("mask", mask, ndims=(1, 2))
     check_same_shape("mask", mask, "logp", logp)
@@ -257,9 +265,10 @@ def prepare(logp, old_logp, advantages, segment_ids, mask, *, ref_logp=None,
     # the level's (docs/math.md section 7).
     agg_seg, agg_num = (seg, num_seg) if seg is not None else (lvl, s_ratio)
     mf = m.to(acc)
-    if loss_type in ("bnpo", "dr_grpo"):
+    agg = LOSS_TYPE_TABLE[loss_type][0]
+    if agg in ("bnpo", "dr_grpo", "luspo"):
         u = mf
-    elif loss_type == "grpo":
+    elif agg == "grpo":
         u = mf / mf.sum(1, keepdim=True).clamp(min=1)
     else:  # rank: each non-empty (row, segment) pair weighs the same
         agg_key = torch.where(m, rows * agg_num + agg_seg.clamp(min=0), 0)
@@ -270,8 +279,8 @@ def prepare(logp, old_logp, advantages, segment_ids, mask, *, ref_logp=None,
         if validate and not bool(denom > 0):
             raise ValueError(f"normalizer must be > 0, got {float(denom)}")
     else:
-        denom = loss_normalizer(m, agg_seg if loss_type == "rank" else None, loss_type,
-                                num_segments=agg_num if loss_type == "rank" else None,
+        denom = loss_normalizer(m, agg_seg if agg == "rank" else None, loss_type,
+                                num_segments=agg_num if agg == "rank" else None,
                                 max_completion_length=max_completion_length)
         denom = denom.clamp(min=1).to(acc)
     return Prepared(lp, old, ref, adv, key, num_keys, u / denom, m)
@@ -286,6 +295,22 @@ def _clip_params(epsilon_low, epsilon_high, delta, beta, has_ref: bool) -> ClipP
         raise ValueError(f"beta={beta} > 0 needs ref_logp (the reference model's log-probs for "
                          "the KL term); pass ref_logp, or beta=0 for no KL")
     return ClipParams(float(epsilon_low), float(epsilon_high), delta, float(beta))
+
+
+def _native_refusal(variant, off_policy_mask_threshold, top_entropy_quantile,
+                    importance_sampling_mode) -> str:
+    """The message of backend='native' for a variant it does not implement."""
+    given = {"surrogate": variant.surrogate != "clip",
+             "kl_estimator": variant.kl_estimator != "k3",
+             "use_bias_correction_kl": variant.use_bias_correction_kl,
+             "clip_ratio_c": variant.clip_ratio_c is not None,
+             "log_ratio_clamp": variant.log_ratio_clamp is not None,
+             "off_policy_mask_threshold": off_policy_mask_threshold is not None,
+             "top_entropy_quantile": top_entropy_quantile < 1,
+             "importance_sampling_mode": importance_sampling_mode is not None}
+    names = [k for k in NATIVE_UNSUPPORTED if given[k]] or ["loss_type"]
+    return (f"backend='native' implements the plain loss only; {', '.join(names)} "
+            "(docs/math.md section 7.1) needs backend='torch' or backend='triton'")
 
 
 def _stage_impl(name: str):
@@ -305,6 +330,18 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
                    normalizer: float | torch.Tensor | None = None,
                    num_segments: int | None = None, entropy: torch.Tensor | None = None,
                    eos_mask: torch.Tensor | None = None, advantages_per: str | None = None,
+                   surrogate: str | None = None, kl_estimator: str = "k3",
+                   use_bias_correction_kl: bool = False, clip_ratio_c: float | None = None,
+                   log_ratio_clamp: float | tuple | None = None,
+                   sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+                   vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
+                   vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+                   sampling_logp: torch.Tensor | None = None,
+                   importance_sampling_mode: str | None = None,
+                   importance_sampling_clip_min: float | None = None,
+                   importance_sampling_clip_max: float | None = 3.0,
+                   off_policy_mask_threshold: float | None = None,
+                   top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0,
                    return_sums: bool = False, backend: str = "auto", validate: bool = True,
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rank-GRPO / GRPO / GSPO clipped surrogate loss from per-token log-probs
@@ -340,11 +377,37 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
         advantages_per: "token" | "rank" | "row" (ADVANTAGES_PER), or None to infer it from
             the shape; a [B, T] tensor with segment_ids is ambiguous (per rank with N == T?)
             and raises unless this is given.
+
+        Variants (docs/math.md section 7.1; every default keeps the loss above):
+        surrogate: None (the loss type's) | "clip" | "cispo" (TRL: -sg(min(w, epsilon_high))
+            A logp) | "cispo_two_sided" (verl: -sg(clip(w)) A logp) | "sapo" | "vespo" |
+            "geo_mean" (GMPO: w = geometric mean of sign-clipped token ratios, -w A).
+        kl_estimator: "k3" | "k1"/"kl" | "k2"/"mse" | "abs" | "low_var_kl" (verl's clamped
+            k3), each optionally with "+" (same value, the k2 gradient).
+        use_bias_correction_kl: multiply the KL by the ratio w (TRL's default, gradient
+            through w).
+        clip_ratio_c: verl's dual clip (> 1): the loss of A < 0 is at most -A clip_ratio_c.
+        log_ratio_clamp: c or (lo, hi): clamp the segment log-ratio before exp (verl: 20).
+        sapo_temperature_pos, sapo_temperature_neg: sapo's gate temperatures (> 0).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: vespo's gamma weight.
+        sampling_logp: [B, T] log-probs of the sampler (vLLM) for the off-policy mask and the
+            importance-sampling correction (NaN allowed: unscored tokens).
+        importance_sampling_mode: None (off) | "token_truncate" | "token_mask" |
+            "sequence_truncate" | "sequence_mask": detached weight exp(old_logp -
+            sampling_logp) on the policy term, clamped to / masked outside
+            [importance_sampling_clip_min, importance_sampling_clip_max] (None: open).
+        off_policy_mask_threshold: None, or drop the A < 0 tokens of rows whose mean
+            (sampling_logp or old_logp) - logp exceeds it (detached).
+        top_entropy_quantile: < 1 keeps the policy term on the tokens in the top quantile of
+            entropy only (needs `entropy`; detached).
+        entropy_coef: subtract entropy_coef x the mean entropy (over mask x entropy mask),
+            differentiable through `entropy`.
         return_sums: return raw 0-dim sums (`SUM_KEYS`) instead of means, to be added up
             over micro-batches / processes and turned into means by `metrics_from_sums`.
         backend: one of BACKENDS: "auto", "reference" (autograd of the expression), "torch"
             (closed form), "triton" (phase 1 only; its segment stage is torch's) or "native"
-            (the C++/CUDA op library).
+            (the C++/CUDA op library; the defaults of docs/math.md section 7.1 only, a
+            ValueError names any other option).
         validate: check shapes, values and finiteness (costs host syncs). With
             validate=False and num_segments known, the loss makes no host sync.
     Returns:
@@ -352,22 +415,56 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
         0-dim tensors: the means of `metrics_from_sums`, or with return_sums the sums).
     """
     params = _clip_params(epsilon_low, epsilon_high, delta, beta, ref_logp is not None)
+    variant = variants.make_variant(
+        loss_type, surrogate=surrogate, kl_estimator=kl_estimator,
+        use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg, clip_ratio_c=clip_ratio_c,
+        log_ratio_clamp=log_ratio_clamp, delta=params.delta)
+    if entropy is not None:
+        check_same_shape("entropy", entropy, "logp", logp)
+    if sampling_logp is not None:
+        check_tensor("sampling_logp", sampling_logp, dtypes=FLOAT_DTYPES)
+        check_same_shape("sampling_logp", sampling_logp, "logp", logp)
+    if entropy_coef != 0 and entropy is None:
+        raise ValueError(f"entropy_coef={entropy_coef} needs the per-token entropy: pass "
+                         "entropy= (fused_linear_rank_grpo_loss does, unless "
+                         "compute_entropy=False)")
     prep = prepare(logp, old_logp, advantages, segment_ids, mask, ref_logp=ref_logp,
                    level=level, loss_type=loss_type,
                    max_completion_length=max_completion_length, normalizer=normalizer,
                    num_segments=num_segments, eos_mask=eos_mask,
                    advantages_per=advantages_per, validate=validate)
+    ent2d = None if entropy is None else _as_2d(entropy)
+    samp = None if sampling_logp is None else _as_2d(sampling_logp).to(prep.logp.dtype)
+    rho, phi, ent_mask = variants.detached_weights(
+        variant.surrogate, prep.logp.detach(), prep.old_logp, prep.adv, prep.mask,
+        sampling_logp=samp, entropy=ent2d, off_policy_mask_threshold=off_policy_mask_threshold,
+        top_entropy_quantile=top_entropy_quantile,
+        importance_sampling_mode=importance_sampling_mode,
+        importance_sampling_clip_min=importance_sampling_clip_min,
+        importance_sampling_clip_max=importance_sampling_clip_max, vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg)
+    plain = variant.is_default() and rho is None and phi is None
     name = backends.phase2_name(backend, prep.logp.device)
+    if not plain and name == "native":
+        raise ValueError(_native_refusal(variant, off_policy_mask_threshold,
+                                         top_entropy_quantile, importance_sampling_mode))
     args = (prep.logp, prep.old_logp, prep.ref_logp, prep.adv, prep.key, prep.num_keys,
             prep.c, prep.mask)
     if name == "reference":
-        loss, stats = reference_stage(*args, params)
+        loss, stats = (reference_stage(*args, params) if plain else
+                       variants.reference_stage(*args, params, variant, rho, phi))
     else:
-        loss, stats = SegmentStage.apply(*args, params, _stage_impl(name))
+        impl = (_stage_impl(name) if plain else
+                functools.partial(variants.torch_stage, v=variant, rho=rho, phi=phi))
+        loss, stats = SegmentStage.apply(*args, params, impl)
+    if entropy_coef != 0:
+        bonus = variants.entropy_bonus(ent2d.to(prep.logp.dtype), prep.mask, ent_mask)
+        loss = loss - float(entropy_coef) * bonus
     entropy_sum = None
     if entropy is not None:
-        check_same_shape("entropy", entropy, "logp", logp)
-        e = _as_2d(entropy).detach().to(prep.logp.dtype)
+        e = ent2d.detach().to(prep.logp.dtype)
         entropy_sum = torch.where(prep.mask, e, 0).sum()
     sums = sums_from_stats(stats, entropy_sum)
     return loss, (sums if return_sums else metrics_from_sums(sums))
@@ -421,8 +518,8 @@ class LinearRankGRPOLoss(torch.nn.Module):
         self.options = options
 
     def forward(self, hidden, weight, targets, old_logp, advantages, segment_ids, mask,
-                bias=None, ref_logp=None, normalizer=None, eos_mask=None):
+                bias=None, ref_logp=None, normalizer=None, eos_mask=None, sampling_logp=None):
         return fused_linear_rank_grpo_loss(hidden, weight, targets, old_logp, advantages,
                                            segment_ids, mask, bias=bias, ref_logp=ref_logp,
                                            normalizer=normalizer, eos_mask=eos_mask,
-                                           **self.options)
+                                           sampling_logp=sampling_logp, **self.options)

@@ -69,6 +69,12 @@ class Variant:
 DEFAULT = Variant()
 
 
+def _pick(cond: torch.Tensor, a: float, b: float, like: torch.Tensor) -> torch.Tensor:
+    """where(cond, a, b) with the scalars in like's dtype: torch.where on two Python floats
+    builds a float32 tensor, rounding e.g. a temperature of 1.05 (TRL's sapo does; verl's not)."""
+    return torch.where(cond, like.new_tensor(a), like.new_tensor(b))
+
+
 def _segment_sum(values: torch.Tensor, key: torch.Tensor, num_keys: int) -> torch.Tensor:
     return values.new_zeros(num_keys).index_add_(0, key.reshape(-1), values.reshape(-1))
 
@@ -168,7 +174,7 @@ def surrogate_expression(v: Variant, p, w, adv, logp, phi):
     if s == "cispo_two_sided":
         return -torch.clamp(w, lo, hi).detach() * adv * logp
     if s == "sapo":
-        tau = torch.where(adv > 0, v.sapo_temperature_pos, v.sapo_temperature_neg).to(w.dtype)
+        tau = _pick(adv > 0, v.sapo_temperature_pos, v.sapo_temperature_neg, w)
         return -torch.sigmoid(tau * (w - 1)) * 4 / tau * adv
     if s == "vespo":
         return -phi.detach() * adv * logp
@@ -206,7 +212,7 @@ def surrogate_closed(v: Variant, p, w, adv, logp, phi):
             f = phi
         return -f * adv * logp, torch.zeros_like(w), -f * adv
     if s == "sapo":
-        tau = torch.where(adv > 0, v.sapo_temperature_pos, v.sapo_temperature_neg).to(w.dtype)
+        tau = _pick(adv > 0, v.sapo_temperature_pos, v.sapo_temperature_neg, w)
         sig = torch.sigmoid(tau * (w - 1))
         return -sig * 4 / tau * adv, -4 * sig * (1 - sig) * adv, None
     if s == "geo_mean":
@@ -320,9 +326,11 @@ def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
 def high_entropy_mask(entropy, mask, top_quantile: float) -> torch.Tensor:
     """TRL's top_entropy_quantile mask (get_high_entropy_mask), local to this batch: keep the
     masked tokens whose entropy is >= the (1 - top_quantile) quantile of the masked entropies.
-    Detached bool [B, T]; all False when no token is masked in."""
+    Detached bool [B, T]; all False when no token is masked in. The quantile is taken in
+    float32 whatever the input dtype, as TRL does: its interpolation position is then
+    computed in float32 too, which decides ties like (n - 1) q integral exactly as TRL."""
     e = entropy.detach()
-    vals = e[mask]
+    vals = e[mask].float()
     if vals.numel() == 0:
         return torch.zeros_like(mask)
     thr = quantile(vals, 1.0 - top_quantile)
@@ -363,8 +371,8 @@ def gamma_weights(adv, logp, old_logp, mask, is_ratio, k_pos=2.0, lambda_pos=3.0
         seq = seq + (log_is * m).sum(1, keepdim=True)
     log_w = torch.clamp(seq, VESPO_LOG_FLOOR, VESPO_TOKEN_CLAMP)
     nonneg = adv >= 0
-    k = torch.where(nonneg, k_pos, k_neg).to(logp.dtype)
-    lam = torch.where(nonneg, lambda_pos, lambda_neg).to(logp.dtype).clamp(min=1e-4)
+    k = _pick(nonneg, k_pos, k_neg, logp)
+    lam = _pick(nonneg, lambda_pos, lambda_neg, logp).clamp(min=1e-4)
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
