@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, no checkpoint
+        print("\nrankgrpo: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except ModuleNotFoundError as e:
         msg = _missing_extra(e)
         if msg is None:
