@@ -190,15 +190,12 @@ def preflight(command: str, cfg, args) -> None:
                 raise UsageError("report_to includes 'tensorboard' but the tensorboard "
                                  "package is not installed: pip install tensorboard (or "
                                  "rankgrpo[tensorboard])")
-        if loop.kernel_backend in ("triton", "native"):
+        if loop.kernel_backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
             import torch
 
-            interp = os.environ.get("TRITON_INTERPRET") == "1"
-            if not torch.cuda.is_available() and not (loop.kernel_backend == "triton"
-                                                      and interp):
-                raise UsageError(f"kernel_backend={loop.kernel_backend!r} needs a CUDA GPU "
-                                 "and none is visible; use kernel_backend=auto (torch on "
-                                 "CPU)")
+            if not torch.cuda.is_available():
+                raise UsageError("kernel_backend='triton' needs a CUDA GPU and none is "
+                                 "visible; use kernel_backend=auto (torch on CPU)")
         check_output_dir(loop.output_dir, getattr(args, "resume", None),
                          getattr(args, "overwrite", False))
     m = cfg.model
