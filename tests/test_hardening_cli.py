@@ -249,3 +249,15 @@ def test_rra_is_dispatched(monkeypatch):
     fake.main = lambda argv: seen.append(argv) or 7
     monkeypatch.setitem(sys.modules, "rankgrpo.rra.cli", fake)
     assert main(["rra", "--x", "1"]) == 7 and seen == [["--x", "1"]]
+
+
+def test_unwritable_output_dir_is_refused_before_compute(tmp_path, monkeypatch):
+    """As root every folder is writable, so the permission answer is simulated."""
+    from rankgrpo import checkpoint as ck
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False)
+    with pytest.raises(PermissionError, match="is not writable"):
+        ck.prepare_output_dir(tmp_path / "ro", resume=False, overwrite=False)
+    with pytest.raises(PermissionError, match="cannot be created"):
+        ck.prepare_output_dir(tmp_path / "ro" / "new", resume=False, overwrite=False)
