@@ -248,6 +248,9 @@ class RankGRPOTrainer(trl.GRPOTrainer):
             raise ValueError("RankGRPOTrainer needs args (a GRPOConfig or RankGRPOConfig)")
         self._route = check_trl_args(args)
         self._rank = args.importance_sampling_level == "rank"
+        if self._rank and not isinstance(args, RankGRPOConfig):
+            raise ValueError("importance_sampling_level='rank' needs a RankGRPOConfig (it holds "
+                             "num_ranks and the segment options)")
         self._per_rank: list[_PerRankReward] = []
         if self._rank:
             funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
@@ -285,7 +288,8 @@ class RankGRPOTrainer(trl.GRPOTrainer):
         if not self._rank:
             return out
         mode = "train" if self.model.training else "eval"
-        g = self.num_generations if mode == "train" else self.num_generations_eval
+        g = (self.num_generations if mode == "train"
+             else (self.num_generations_eval or self.num_generations))
         device = out["completion_ids"].device
         per = torch.stack([w.last.to(device) for w in self._per_rank], dim=1)  # [b, F, N]
         per = self.accelerator.gather(per)
