@@ -197,3 +197,82 @@ def test_redial_cuts_keep_the_end_of_the_conversation_and_the_most_mentioned_mov
     catalog = Catalog([("A", 2001), ("B", 1999), ("C", 2010)])
     other = {**rec, "groundtruth_with_release_year": [["C", "2010"]], "seen_titles": ["B"]}
     assert most_mentioned([rec, other], catalog, 2) == [("B", 1999), ("A", 2001)]
+
+
+def test_control_world_removes_list_coherence():
+    """The coherent world's teacher lists one taste (its first item decides the rest); the
+    control world's lists are taste-independent across ranks (docs/demo/control-world-design.md).
+    Measured on the teacher lists of 150 held-out users (40 items per taste, so no top-up)."""
+    import dataclasses
+
+    from rankgrpo.synthetic import list_coherence
+
+    cfg = WorldConfig(num_items=200, num_tastes=5, num_train_users=20, num_heldout_users=150)
+    coherent = build_world(5, cfg)
+    control = build_world(5, dataclasses.replace(cfg, teacher="global"))
+    a, b = list_coherence(coherent), list_coherence(control)
+    assert a["same_taste_as_first"] == 1.0
+    assert b["same_taste_as_first"] < 1.5 / cfg.num_tastes
+    assert a["hits_after_first_in_taste"] > 5 * a["hits_after_first_off_taste"]
+    assert abs(b["hits_after_first_in_taste"] - b["hits_after_first_off_taste"]) < \
+        0.3 * (a["hits_after_first_in_taste"] - a["hits_after_first_off_taste"])
+    # lists given explicitly: the ground truth itself is all hits
+    lists = [[f"{t} ({y})" for t, y in r["groundtruth_with_release_year"]]
+             for r in coherent.heldout]
+    c = list_coherence(coherent, lists)
+    assert c["hits_after_first_in_taste"] >= 1.0 and c["hits_after_first_off_taste"] >= 1.0
+    with pytest.raises(ValueError, match="one per held-out record"):
+        list_coherence(coherent, lists[:-1])
+
+
+def test_stage2_runs_and_signal_summary():
+    from rankgrpo.demo import _signal, compare_summary, load_demo_config, stage2_runs
+
+    cfg = load_demo_config("demo", [])
+    assert [n for n, _ in stage2_runs(cfg, False, None)] == ["rank_grpo"]
+    runs = dict(stage2_runs(cfg, True, None))
+    assert list(runs) == ["rank_grpo", "rank_grpo_log", "grpo"]
+    assert runs["rank_grpo_log"]["reward_kind"] == "log"
+    assert runs["grpo"] == {"reward_kind": "sequence_dcg", "importance_sampling_level": "token",
+                            "epsilon": 0.2, "epsilon_high": 0.26}
+    runs = dict(stage2_runs(cfg, True, ["newline", "aligned"]))
+    assert list(runs) == ["rank_grpo@newline", "rank_grpo@aligned", "rank_grpo_log@newline",
+                          "rank_grpo_log@aligned", "grpo"]  # token-level GRPO has no segments
+    assert runs["rank_grpo_log@aligned"] == {"reward_kind": "log",
+                                             "importance_sampling_level": "rank",
+                                             "segment_mode": "aligned"}
+    assert dict(stage2_runs(cfg, False, ["aligned"]))["rank_grpo"] == {"segment_mode": "aligned"}
+    hist = [{"step": 1, "frac_reward_zero_std": 0.5, "frac_reward_zero_std_cells": 0.75,
+             "frac_tokens_nonzero_advantage": 0.2},
+            {"step": 2, "frac_reward_zero_std": 0.0, "frac_reward_zero_std_cells": 0.25,
+             "frac_tokens_nonzero_advantage": 0.6}]
+    sig = _signal(hist)
+    assert sig == {"frac_reward_zero_std": 0.25, "frac_reward_zero_std_cells": 0.5,
+                   "frac_tokens_nonzero_advantage": 0.4}
+    m = {"grpo": {"ndcg@10": 0.3, "recall@10": 0.2}}
+    runs = [{"seed": s, "metrics": m, "signal": {"grpo": sig}, "run_seconds": {"grpo": 10.0 * s}}
+            for s in (1, 3)]
+    summ = compare_summary(runs)["grpo"]
+    assert summ["ndcg@10"] == [0.3, 0.3] and summ["mean_run_seconds"] == 20.0
+    assert summ["frac_tokens_nonzero_advantage"] == pytest.approx(0.4)
+
+
+def test_quick_compare_in_the_control_world(tmp_path):
+    from rankgrpo.demo import main
+
+    out = tmp_path / "cmp"
+    assert main(["--quick", "--compare", "--world", "control", "--skip-redial",
+                 "--segment-modes", "aligned", "--out", str(out)]) == 0
+    res = json.loads((out / "demo_results.json").read_text())
+    assert set(res["worlds"]) == {"control"}
+    assert res["worlds"]["control"]["teacher"] == "global"
+    for world in res["worlds"].values():
+        comp = world["compare"]
+        assert list(comp) == ["rank_grpo", "rank_grpo_log", "grpo"]
+        for row in comp.values():
+            assert 0.0 <= row["frac_reward_zero_std_cells"] <= 1.0
+            assert 0.0 <= row["frac_tokens_nonzero_advantage"] <= 1.0
+            assert row["frac_reward_zero_std"] <= row["frac_reward_zero_std_cells"] + 1e-9
+    assert res["settings"]["segment_modes"] == ["aligned"]
+    assert (out / "compare_ndcg.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["--segment-modes", "newline,bogus", "--out", str(out)]) == 2
