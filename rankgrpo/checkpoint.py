@@ -164,7 +164,7 @@ def resolve_resume(resume: str | bool | None, output_dir: str | os.PathLike,
         say = log or (lambda m: print(m, file=sys.stderr, flush=True))
         newest = latest_checkpoint(output_dir)
         candidates = list_checkpoints(output_dir)
-        if newest is not None and newest not in candidates:
+        if newest is not None and newest not in candidates and _CKPT.match(newest.name):
             candidates.append(newest)
         candidates.sort(key=lambda c: int(_CKPT.match(c.name).group(1)), reverse=True)
         skipped = []
