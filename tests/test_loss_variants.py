@@ -644,3 +644,22 @@ def test_kl_estimators_match_verl_kl_penalty(rng, verl, name):
     value, grad = variants.kl_closed(ours, logp, ref)
     torch.testing.assert_close(value, want.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(grad, g_want, rtol=0, atol=1e-12)
+
+
+def test_loss_normalizer_of_the_variant_loss_types(rng):
+    """dapo/cispo/vespo count tokens like bnpo, sapo and luspo count rows like grpo."""
+    from rankgrpo_kernels import loss_normalizer
+
+    b = api_batch(rng)
+    m = b["mask"]
+    for lt, want in (("dapo", m.sum()), ("cispo", m.sum()), ("vespo", m.sum()),
+                     ("sapo", m.shape[0]), ("luspo", m.shape[0])):
+        assert float(loss_normalizer(m, None, lt)) == float(want)
+    # luspo: per-row token sums, mean over rows (TRL's luspo), on-policy so w == 1
+    lp = b["logp"].clone().requires_grad_(True)
+    from rankgrpo_kernels import rank_grpo_loss
+
+    loss, _ = rank_grpo_loss(lp, None, b["adv_row"], None, m, level="sequence",
+                             loss_type="luspo", backend="torch")
+    want = -(b["adv_row"] * m.sum(1)).sum() / m.shape[0]
+    torch.testing.assert_close(loss.detach(), want, rtol=0, atol=1e-12)
