@@ -26,6 +26,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
+
+from .segment_stage import ClipParams
+from .segment_stage import _stats as plain_stats
 
 # surrogate name -> what S is (docs/math.md section 7.1)
 SURROGATES = ("clip", "cispo", "cispo_two_sided", "sapo", "vespo", "geo_mean")
@@ -104,7 +108,7 @@ def kl_expression(estimator: str, logp: torch.Tensor, ref: torch.Tensor) -> torc
     return value
 
 
-def kl_closed(estimator: str, logp: torch.Tensor, ref: torch.Tensor):
+def kl_closed(estimator: str, logp: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
     """(KL value, dKL/dlogp) per token in closed form; autograd's conventions at kinks
     (|x|' = 0 at 0, clamp passes the gradient at its bounds)."""
     base = estimator.rstrip("+")
@@ -138,14 +142,16 @@ def kl_closed(estimator: str, logp: torch.Tensor, ref: torch.Tensor):
 
 # ---------------------------------------------------------------- GMPO's token log-ratio
 
-def gmpo_log_ratio_expression(lr, adv, epsilon_low, epsilon_high):
+def gmpo_log_ratio_expression(lr: Tensor, adv: Tensor, epsilon_low: float,
+                              epsilon_high: float) -> Tensor:
     """verl geo_mean: sgn(A) * min(sgn(A) lr, sgn(A) clamp(lr, -eps_low, eps_high))."""
     sgn = torch.sign(adv)
     lrc = torch.clamp(lr, -epsilon_low, epsilon_high)
     return sgn * torch.min(sgn * lr, sgn * lrc)
 
 
-def gmpo_log_ratio_closed(lr, adv, epsilon_low, epsilon_high):
+def gmpo_log_ratio_closed(lr: Tensor, adv: Tensor, epsilon_low: float,
+                          epsilon_high: float) -> tuple[Tensor, Tensor]:
     """(lr~, d lr~/d lr): lr capped at eps_high where A > 0, floored at -eps_low where A < 0,
     0 where A == 0. A tie (lr inside the range) gives 1/2 + 1/2 = 1, as autograd."""
     sgn = torch.sign(adv)
@@ -158,7 +164,8 @@ def gmpo_log_ratio_closed(lr, adv, epsilon_low, epsilon_high):
 
 # ---------------------------------------------------------------- surrogates
 
-def surrogate_expression(v: Variant, p, w, adv, logp, phi):
+def surrogate_expression(v: Variant, p: ClipParams, w: Tensor, adv: Tensor, logp: Tensor,
+                         phi: Tensor | None) -> Tensor:
     """S(w, A, logp) per token as an autograd expression. p: ClipParams."""
     lo, hi = 1 - p.epsilon_low, 1 + p.epsilon_high
     s = v.surrogate
@@ -183,7 +190,8 @@ def surrogate_expression(v: Variant, p, w, adv, logp, phi):
     raise ValueError(f"surrogate={s!r} is not one of {list(SURROGATES)}")
 
 
-def surrogate_closed(v: Variant, p, w, adv, logp, phi):
+def surrogate_closed(v: Variant, p: ClipParams, w: Tensor, adv: Tensor, logp: Tensor,
+                     phi: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(S, dS/dw, dS/dlogp direct, or None when 0) per token, autograd's tie conventions."""
     lo, hi = 1 - p.epsilon_low, 1 + p.epsilon_high
     s = v.surrogate
@@ -223,13 +231,13 @@ def surrogate_closed(v: Variant, p, w, adv, logp, phi):
 # ---------------------------------------------------------------- the stage, both ways
 
 def _stats(w, adv, kl, mask, p):
-    from .segment_stage import _stats as plain_stats
-
     return plain_stats(w, adv, kl, mask, p)
 
 
-def reference_stage(logp, old_logp, ref_logp, adv, key, num_keys, c, mask, p,
-                    v: Variant = DEFAULT, rho=None, phi=None):
+def reference_stage(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Tensor,
+                    key: Tensor, num_keys: int, c: Tensor, mask: Tensor, p: ClipParams,
+                    v: Variant = DEFAULT, rho: Tensor | None = None,
+                    phi: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The general loss as an expression (autograd gives g). Returns (loss, stats)."""
     m = mask.to(logp.dtype)
     lr = torch.where(mask, logp - old_logp, 0)
@@ -254,8 +262,10 @@ def reference_stage(logp, old_logp, ref_logp, adv, key, num_keys, c, mask, p,
     return loss, _stats(w, adv, kl, mask, p)
 
 
-def torch_stage(logp, old_logp, ref_logp, adv, key, num_keys, c, mask, p,
-                v: Variant = DEFAULT, rho=None, phi=None):
+def torch_stage(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Tensor,
+                key: Tensor, num_keys: int, c: Tensor, mask: Tensor, p: ClipParams,
+                v: Variant = DEFAULT, rho: Tensor | None = None,
+                phi: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Closed form of the general loss: (loss, g = dloss/dlogp [B, T], stats). No autograd."""
     logp, old_logp = logp.detach(), old_logp.detach()
     m = mask.to(logp.dtype)
@@ -302,7 +312,8 @@ def torch_stage(logp, old_logp, ref_logp, adv, key, num_keys, c, mask, p,
 
 # ---------------------------------------------------------------- detached weights
 
-def off_policy_mask(adv, logp, sampling_logp, mask, threshold: float) -> torch.Tensor:
+def off_policy_mask(adv: Tensor, logp: Tensor, sampling_logp: Tensor, mask: Tensor,
+                    threshold: float) -> Tensor:
     """DeepSeek-V3.2's off-policy sequence mask (TRL get_off_policy_mask), per token [B, T]:
     keep a token unless A_t < 0 and its row's mean (sampling_logp - logp) exceeds threshold.
     Unscorable (NaN) sampling log-probs count as no divergence. Detached, dtype of logp."""
@@ -323,7 +334,7 @@ def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     return torch.lerp(s[i], s[j], pos - i)
 
 
-def high_entropy_mask(entropy, mask, top_quantile: float) -> torch.Tensor:
+def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
     """TRL's top_entropy_quantile mask (get_high_entropy_mask), local to this batch: keep the
     masked tokens whose entropy is >= the (1 - top_quantile) quantile of the masked entropies.
     Detached bool [B, T]; all False when no token is masked in. The quantile is taken in
@@ -337,7 +348,8 @@ def high_entropy_mask(entropy, mask, top_quantile: float) -> torch.Tensor:
     return (torch.where(mask, e, 0) >= thr) & mask
 
 
-def sampling_is_ratio(old_logp, sampling_logp, mask, mode: str, clip_min, clip_max):
+def sampling_is_ratio(old_logp: Tensor, sampling_logp: Tensor, mask: Tensor, mode: str,
+                      clip_min: float | None, clip_max: float | None) -> Tensor:
     """Truncated/masked importance weight of the trainer's (old) policy over the sampler's
     (vLLM) policy, TRL's vllm_importance_sampling_mode: token_* modes per token, sequence_*
     per row (the exp of the row's sum of log-ratios); *_truncate clamps to [clip_min,
@@ -358,8 +370,9 @@ def sampling_is_ratio(old_logp, sampling_logp, mask, mode: str, clip_min, clip_m
     return ratio.expand_as(old_logp)
 
 
-def gamma_weights(adv, logp, old_logp, mask, is_ratio, k_pos=2.0, lambda_pos=3.0,
-                  k_neg=3.0, lambda_neg=2.0) -> torch.Tensor:
+def gamma_weights(adv: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor,
+                  is_ratio: Tensor | None, k_pos: float = 2.0, lambda_pos: float = 3.0,
+                  k_neg: float = 3.0, lambda_neg: float = 2.0) -> Tensor:
     """VESPO's gamma weight phi(w) = exp(lam + k log w - lam w) (TRL get_gamma_weights) with w
     the row's sequence ratio exp(sum_t clamp(lr_t, -20, 20)) (times the token IS ratios), its
     log clamped to [log 1e-8, 20]; (k, lam) by the sign of A_t. Detached [B, T]."""
@@ -401,7 +414,8 @@ NATIVE_UNSUPPORTED = ("surrogate", "kl_estimator", "use_bias_correction_kl", "cl
 def make_variant(loss_type: str, *, surrogate: str | None = None, kl_estimator: str = "k3",
                  use_bias_correction_kl: bool = False, sapo_temperature_pos: float = 1.0,
                  sapo_temperature_neg: float = 1.05, clip_ratio_c: float | None = None,
-                 log_ratio_clamp=None, delta: float | None = None) -> Variant:
+                 log_ratio_clamp: float | tuple | None = None,
+                 delta: float | None = None) -> Variant:
     """Validate the variant keywords of rank_grpo_loss and build the stage's Variant."""
     if loss_type not in LOSS_TYPE_TABLE:
         raise ValueError(f"loss_type={loss_type!r} is not one of {list(LOSS_TYPE_TABLE)}")
@@ -444,14 +458,17 @@ def make_variant(loss_type: str, *, surrogate: str | None = None, kl_estimator: 
                    clip_ratio_c=clip_ratio_c, log_ratio_clamp=clamp)
 
 
-def detached_weights(surrogate: str, logp, old_logp, adv, mask, *, sampling_logp=None,
-                     entropy=None, off_policy_mask_threshold: float | None = None,
+def detached_weights(surrogate: str, logp: Tensor, old_logp: Tensor, adv: Tensor,
+                     mask: Tensor, *, sampling_logp: Tensor | None = None,
+                     entropy: Tensor | None = None,
+                     off_policy_mask_threshold: float | None = None,
                      top_entropy_quantile: float = 1.0,
                      importance_sampling_mode: str | None = None,
                      importance_sampling_clip_min: float | None = None,
                      importance_sampling_clip_max: float | None = 3.0,
                      vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
-                     vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0):
+                     vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+                     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The detached per-token weights of the policy term, from canonical [B, T] inputs.
 
     Returns (rho or None, phi or None, entropy_mask or None): rho = off-policy mask x
@@ -503,7 +520,7 @@ def detached_weights(surrogate: str, logp, old_logp, adv, mask, *, sampling_logp
     return rho, phi, ent_mask
 
 
-def entropy_bonus(entropy, mask, entropy_mask=None):
+def entropy_bonus(entropy: Tensor, mask: Tensor, entropy_mask: Tensor | None = None) -> Tensor:
     """Mean entropy over the tokens the policy term acts on (mask, and the entropy mask when
     top_entropy_quantile < 1), differentiable: the loss subtracts entropy_coef times it."""
     eff = mask if entropy_mask is None else mask & entropy_mask
