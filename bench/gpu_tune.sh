@@ -14,11 +14,7 @@ cd "$REPO" || exit 2
 OUT_DIR=${1:-${OUT:-$REPO/bench/out/gpu_tune}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import rankgrpo_kernels" >/dev/null 2>&1; then
-  LINKS=$(mktemp -d /tmp/rankgrpo_path.XXXXXX)
-  ln -s "$REPO/kernels" "$LINKS/rankgrpo_kernels"
-  export PYTHONPATH="$LINKS${PYTHONPATH:+:$PYTHONPATH}"
-fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # rankgrpo_kernels and tools, uninstalled
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 \
   | tee "$OUT_DIR/env.log"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)" \
