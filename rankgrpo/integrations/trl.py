@@ -60,19 +60,18 @@ class LossRoute:
     denominator: str
 
 
-_UNSUP_LOSS = ("the kernel has no {} loss yet (a later kernel variant); use one of "
-               "grpo, bnpo, dr_grpo, dapo, luspo")
-
-# TRL 1.16's loss types (GRPOConfig.loss_type) plus Rank-GRPO's own "rank" aggregation.
+# TRL 1.16's loss types (GRPOConfig.loss_type) plus Rank-GRPO's own "rank" aggregation. The
+# kernel's loss_type names its aggregation and surrogate (docs/math.md section 7.1); the
+# denominator is passed as `normalizer`, so each row states TRL's.
 TRL_LOSS_TYPES: dict[str, LossRoute | str] = {
     "grpo": LossRoute("grpo", "rows"),
     "bnpo": LossRoute("bnpo", "tokens"),
     "dr_grpo": LossRoute("dr_grpo", "rows_x_max_len"),
     "dapo": LossRoute("bnpo", "global_tokens"),
     "luspo": LossRoute("bnpo", "rows"),  # sum over a row's tokens, mean over rows
-    "cispo": _UNSUP_LOSS.format("cispo (clipped-weight REINFORCE)"),
-    "sapo": _UNSUP_LOSS.format("sapo (sigmoid soft gate)"),
-    "vespo": _UNSUP_LOSS.format("vespo (gamma-weighted sequence)"),
+    "cispo": LossRoute("cispo", "global_tokens"),
+    "sapo": LossRoute("sapo", "rows"),
+    "vespo": LossRoute("vespo", "global_tokens"),
     "rank": LossRoute("rank", "pairs"),
 }
 
@@ -95,9 +94,7 @@ TRL_OPTIONS: tuple[Option, ...] = (
     Option("delta", "two-sided clipping: ratio capped at delta (INTELLECT-2)", "delta"),
     Option("beta", "k3 KL to the reference model", "beta + ref_logp"),
     Option("use_bias_correction_kl", "KL multiplied by the importance ratio (TRL's default)",
-           unsupported="the kernel's KL term is the plain k3 (no ratio factor) yet; set "
-                       "use_bias_correction_kl=False (it only matters when beta != 0)",
-           active=lambda a: _beta_on(a) and getattr(a, "use_bias_correction_kl", False)),
+           "use_bias_correction_kl"),
     Option("temperature", "sampling temperature; logits are divided by it", "temperature"),
     Option("max_completion_length", "dr_grpo's constant denominator",
            "max_completion_length"),
@@ -117,32 +114,30 @@ TRL_OPTIONS: tuple[Option, ...] = (
     Option("cast_lm_head_to_fp32", "LM head projection in float32",
            "hidden states and weight cast to float32"),
     Option("top_entropy_quantile", "keep only the top-rho entropy tokens in the policy loss",
-           unsupported="entropy-quantile token masking is not in the kernel yet; "
-                       "use top_entropy_quantile=1.0",
-           active=lambda a: getattr(a, "top_entropy_quantile", 1.0) < 1.0),
+           "top_entropy_quantile (+ the fused pass's entropy)"),
     Option("off_policy_mask_threshold", "drop negative-advantage sequences whose KL to the "
            "sampler exceeds it (DeepSeek-V3.2)",
-           unsupported="off-policy sequence masking is not in the kernel yet; leave it None",
-           active=lambda a: getattr(a, "off_policy_mask_threshold", None) is not None),
-    Option("entropy_coef", "entropy bonus -coef * mean entropy",
-           unsupported="the entropy bonus is not in the kernel yet; use entropy_coef=0.0",
-           active=lambda a: getattr(a, "entropy_coef", 0.0) != 0.0),
+           "off_policy_mask_threshold (+ sampling_logp when TRL has it)"),
+    Option("entropy_coef", "entropy bonus -coef * mean entropy (not scaled by the loss "
+           "type's normaliser; divided by the accumulation steps)",
+           "entropy_coef / accumulation steps (+ the fused pass's entropy)"),
     Option("use_adaptive_entropy", "adaptive entropy bonus (Skywork-OR1)",
-           unsupported="the entropy bonus is not in the kernel yet; use "
-                       "use_adaptive_entropy=False",
+           unsupported="TRL's adaptive controller (a window of entropy sums across "
+                       "micro-batches and processes) is not reproduced here yet; use "
+                       "use_adaptive_entropy=False (a fixed entropy_coef works)",
            active=lambda a: bool(getattr(a, "use_adaptive_entropy", False))),
     Option("vllm_importance_sampling_correction", "truncated / masked IS from vLLM's sampler "
            "log-probs (modes token_truncate, token_mask, sequence_truncate, sequence_mask)",
-           unsupported="per-token importance-sampling weights from the sampler's log-probs are "
-                       "not in the kernel yet; set vllm_importance_sampling_correction=False "
-                       "with use_vllm=True",
+           unsupported="the kernel has importance_sampling_mode, but the vLLM path is not wired "
+                       "and cannot be tested on CPU here; set "
+                       "vllm_importance_sampling_correction=False with use_vllm=True",
            active=lambda a: bool(getattr(a, "use_vllm", False))
            and bool(getattr(a, "vllm_importance_sampling_correction", False))),
     Option("sapo_temperature_pos / sapo_temperature_neg", "sapo's gate temperatures",
-           unsupported="only used by loss_type='sapo', which raises", raises=False),
+           "sapo_temperature_pos / sapo_temperature_neg"),
     Option("vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg",
-           "vespo's gamma weights", unsupported="only used by loss_type='vespo', which raises",
-           raises=False),
+           "vespo's gamma weights", "vespo_k_pos / vespo_lambda_pos / vespo_k_neg / "
+           "vespo_lambda_neg"),
     Option("router_aux_loss_coef", "MoE load-balancing loss added to the policy loss",
            unsupported="the MoE router auxiliary loss is not added on the fused path yet; "
                        "set router_aux_loss_coef=0.0",
@@ -458,16 +453,46 @@ class RankGRPOTrainer(trl.GRPOTrainer):
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
         train = self.model.training
         normalizer = self._normalizer(route, mask, seg, inputs, train)
+        ga = self.current_gradient_accumulation_steps if train else 1
+        # TRL's bonus is the plain mean entropy, divided only by the accumulation steps.
+        entropy_coef = float(args.entropy_coef) / ga
         loss, _ = rank_grpo_loss(
             logp, old, adv, seg, mask, ref_logp=ref, beta=self.beta,
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=args.delta,
             level=level, loss_type=route.kernel_loss_type,
             max_completion_length=self.max_completion_length, normalizer=normalizer,
-            num_segments=num_segments, eos_mask=eos, advantages_per=adv_per, backend=backend,
-            validate=validate)
+            num_segments=num_segments, eos_mask=eos, advantages_per=adv_per,
+            entropy=entropy, use_bias_correction_kl=bool(args.use_bias_correction_kl),
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+            vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
+            sampling_logp=inputs.get("sampling_per_token_logps"),
+            off_policy_mask_threshold=args.off_policy_mask_threshold,
+            top_entropy_quantile=args.top_entropy_quantile, entropy_coef=entropy_coef,
+            backend=backend, validate=validate)
+        if entropy_coef != 0.0:
+            self._log_entropy_bonus(loss, entropy, mask, entropy_coef, ga, route, train)
         self._log_trl_metrics(logp.detach(), old, ref, adv, seg, mask, entropy, level,
                               "train" if train else "eval")
         return loss
+
+    def _log_entropy_bonus(self, loss, entropy, mask, coef, ga, route, train):
+        """TRL's policy_loss (the loss before the bonus, per optimizer step for the loss types
+        TRL divides by the accumulation steps) and entropy_coef metrics."""
+        with torch.no_grad():
+            eff = mask
+            if self.args.top_entropy_quantile < 1.0:
+                eff = self.get_high_entropy_mask(entropy, mask, 1 - self.args.top_entropy_quantile)
+            e = eff.to(entropy.dtype)
+            bonus = (entropy * e).sum() / e.sum().clamp(min=1.0)
+            policy = loss.detach() + coef * bonus.to(loss.dtype)
+            if route.denominator != "global_tokens":
+                policy = policy * ga
+        mode = "train" if train else "eval"
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+        if train and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.args.entropy_coef)
 
     # ---- TRL's metric names ----------------------------------------------------------------
     def _log_trl_metrics(self, logp, old, ref, adv, seg, mask, entropy, level, mode):
@@ -501,8 +526,25 @@ class RankGRPOTrainer(trl.GRPOTrainer):
         metrics = self._metrics[mode]
         if ref is not None:
             r = ref.to(logp.dtype) - logp
-            metrics["kl"].append(global_masked_mean(torch.exp(r) - r - 1))
+            kl = torch.exp(r) - r - 1
+            if self.args.use_bias_correction_kl:  # TRL logs the ratio-weighted KL then
+                kl = kl * coef
+            metrics["kl"].append(global_masked_mean(kl))
         metrics["entropy"].append(global_masked_mean(entropy.detach()))
+        if self.loss_type == "cispo":
+            cl = ((coef > self.epsilon_high) & (a > 0)).float()
+            metrics["cispo_clip_ratio"].append(global_masked_mean(cl))
+            return
+        if self.loss_type == "vespo":
+            phi = self.get_gamma_weights(
+                advantages=a[:, :1] if level != "rank" else a, log_ratio_per_token=lr,
+                mask=m, importance_sampling_ratio=None, k_pos=self.args.vespo_k_pos,
+                lambda_pos=self.args.vespo_lambda_pos, k_neg=self.args.vespo_k_neg,
+                lambda_neg=self.args.vespo_lambda_neg)
+            metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi))
+            return
+        if self.loss_type == "sapo":
+            return
         low = ((coef < 1 - self.epsilon_low) & (a < 0)).float()
         high = ((coef > 1 + self.epsilon_high) & (a > 0)).float()
         metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
