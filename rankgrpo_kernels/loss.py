@@ -297,17 +297,34 @@ def _clip_params(epsilon_low, epsilon_high, delta, beta, has_ref: bool) -> ClipP
     return ClipParams(float(epsilon_low), float(epsilon_high), delta, float(beta))
 
 
+def _row_or_token(name: str, x: torch.Tensor | None, logp: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """A [B, T] (shape of logp) or per-row [B] float tensor as [B, T] / [B, 1] of dtype."""
+    if x is None:
+        return None
+    check_tensor(name, x, dtypes=FLOAT_DTYPES)
+    b = 1 if logp.dim() == 1 else logp.shape[0]
+    if tuple(x.shape) == tuple(logp.shape):
+        return _as_2d(x).to(dtype)
+    if logp.dim() == 2 and tuple(x.shape) == (b,):
+        return x.reshape(b, 1).to(dtype)
+    raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {tuple(logp.shape)} (per "
+                     f"token) or [{b}] (per row)")
+
+
 def _native_refusal(variant, off_policy_mask_threshold, top_entropy_quantile,
-                    importance_sampling_mode) -> str:
+                    importance_sampling_mode, importance_weights) -> str:
     """The message of backend='native' for a variant it does not implement."""
     given = {"surrogate": variant.surrogate != "clip",
              "kl_estimator": variant.kl_estimator != "k3",
              "use_bias_correction_kl": variant.use_bias_correction_kl,
              "clip_ratio_c": variant.clip_ratio_c is not None,
              "log_ratio_clamp": variant.log_ratio_clamp is not None,
+             "ratio_gradient": variant.ratio_gradient != "segment",
              "off_policy_mask_threshold": off_policy_mask_threshold is not None,
              "top_entropy_quantile": top_entropy_quantile < 1,
-             "importance_sampling_mode": importance_sampling_mode is not None}
+             "importance_sampling_mode": importance_sampling_mode is not None,
+             "importance_weights": importance_weights is not None}
     names = [k for k in NATIVE_UNSUPPORTED if given[k]] or ["loss_type"]
     return (f"backend='native' implements the plain loss only; {', '.join(names)} "
             "(docs/math.md section 7.1) needs backend='torch' or backend='triton'")
@@ -333,6 +350,7 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
                    surrogate: str | None = None, kl_estimator: str = "k3",
                    use_bias_correction_kl: bool = False, clip_ratio_c: float | None = None,
                    log_ratio_clamp: float | tuple | None = None,
+                   ratio_gradient: str = "segment",
                    sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
                    vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
                    vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
@@ -340,6 +358,7 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
                    importance_sampling_mode: str | None = None,
                    importance_sampling_clip_min: float | None = None,
                    importance_sampling_clip_max: float | None = 3.0,
+                   importance_weights: torch.Tensor | None = None,
                    off_policy_mask_threshold: float | None = None,
                    top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0,
                    return_sums: bool = False, backend: str = "auto", validate: bool = True,
@@ -388,6 +407,8 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
             through w).
         clip_ratio_c: verl's dual clip (> 1): the loss of A < 0 is at most -A clip_ratio_c.
         log_ratio_clamp: c or (lo, hi): clamp the segment log-ratio before exp (verl: 20).
+        ratio_gradient: "segment" (exact gradient of w_k) or "token" (GSPO-token, verl's
+            gspo: each token differentiates its own log-prob, w_t = sg(w_k) exp(lr_t - sg)).
         sapo_temperature_pos, sapo_temperature_neg: sapo's gate temperatures (> 0).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: vespo's gamma weight.
         sampling_logp: [B, T] log-probs of the sampler (vLLM) for the off-policy mask and the
@@ -396,6 +417,8 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
             "sequence_truncate" | "sequence_mask": detached weight exp(old_logp -
             sampling_logp) on the policy term, clamped to / masked outside
             [importance_sampling_clip_min, importance_sampling_clip_max] (None: open).
+        importance_weights: [B, T] or [B] precomputed detached sampler weights used the same
+            way (e.g. verl's rollout_is_weights); exclusive with importance_sampling_mode.
         off_policy_mask_threshold: None, or drop the A < 0 tokens of rows whose mean
             (sampling_logp or old_logp) - logp exceeds it (detached).
         top_entropy_quantile: < 1 keeps the policy term on the tokens in the top quantile of
@@ -419,7 +442,7 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
         loss_type, surrogate=surrogate, kl_estimator=kl_estimator,
         use_bias_correction_kl=use_bias_correction_kl, sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg, clip_ratio_c=clip_ratio_c,
-        log_ratio_clamp=log_ratio_clamp, delta=params.delta)
+        log_ratio_clamp=log_ratio_clamp, ratio_gradient=ratio_gradient, delta=params.delta)
     if entropy is not None:
         check_same_shape("entropy", entropy, "logp", logp)
     if sampling_logp is not None:
@@ -444,12 +467,14 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
         importance_sampling_clip_min=importance_sampling_clip_min,
         importance_sampling_clip_max=importance_sampling_clip_max, vespo_k_pos=vespo_k_pos,
         vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-        vespo_lambda_neg=vespo_lambda_neg)
+        vespo_lambda_neg=vespo_lambda_neg, importance_weights=_row_or_token(
+            "importance_weights", importance_weights, logp, prep.logp.dtype))
     plain = variant.is_default() and rho is None and phi is None
     name = backends.phase2_name(backend, prep.logp.device)
     if not plain and name == "native":
         raise ValueError(_native_refusal(variant, off_policy_mask_threshold,
-                                         top_entropy_quantile, importance_sampling_mode))
+                                         top_entropy_quantile, importance_sampling_mode,
+                                         importance_weights))
     args = (prep.logp, prep.old_logp, prep.ref_logp, prep.adv, prep.key, prep.num_keys,
             prep.c, prep.mask)
     if name == "reference":

@@ -36,6 +36,7 @@ SURROGATES = ("clip", "cispo", "cispo_two_sided", "sapo", "vespo", "geo_mean")
 # KL estimators; a trailing "+" keeps the value and takes the k2 gradient (verl's straight-through)
 KL_BASE = ("k3", "k1", "kl", "k2", "mse", "abs", "low_var_kl")
 KL_ESTIMATORS = KL_BASE + tuple(k + "+" for k in KL_BASE)
+RATIO_GRADIENTS = ("segment", "token")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 # verl's stabilising clamps of low_var_kl (core_algos.kl_penalty_forward): log-ratio, value
 LOW_VAR_KL_LOG_CLAMP = 20.0
@@ -56,6 +57,9 @@ class Variant:
     kl_estimator: see KL_ESTIMATORS; use_bias_correction_kl multiplies KL by w (TRL).
     clip_ratio_c: verl's dual-clip bound (A < 0 only), clip surrogate only.
     log_ratio_clamp: (lo, hi) clamp of the segment log-ratio before exp (None: no clamp).
+    ratio_gradient: "segment" (the gradient of w_k = exp(mean lr) reaches every token of the
+        segment) or "token" (GSPO-token, verl's gspo: w_t = sg(w_k) exp(lr_t - sg(lr_t)), each
+        token's term differentiates through its own log-prob only; same value).
     """
 
     surrogate: str = "clip"
@@ -65,6 +69,7 @@ class Variant:
     sapo_temperature_neg: float = 1.05
     clip_ratio_c: float | None = None
     log_ratio_clamp: tuple[float, float] | None = None
+    ratio_gradient: str = "segment"
 
     def is_default(self) -> bool:
         return self == Variant()
@@ -246,9 +251,13 @@ def reference_stage(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv
                                                          p.epsilon_high), 0)
     n = _segment_sum(m, key, num_keys).clamp(min=1)
     lam = _segment_sum(lr, key, num_keys) / n
+    if v.ratio_gradient == "token":  # the value of lam, each token's own gradient
+        lam = lam.detach()[key] + (lr - lr.detach())
     if v.log_ratio_clamp is not None:
         lam = torch.clamp(lam, *v.log_ratio_clamp)
-    w = torch.exp(lam)[key]
+    w = torch.exp(lam)
+    if v.ratio_gradient != "token":
+        w = w[key]
     per_token = surrogate_expression(v, p, w, adv, logp, phi)
     if rho is not None:
         per_token = per_token * rho
@@ -297,8 +306,11 @@ def torch_stage(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, adv: Te
             kl = kl * w
         per_token = per_token + p.beta * kl
     q = torch.where(mask, c * dl_dw, 0)
-    scale = wk / n if kappa is None else wk * kappa / n
-    g = scale[key] * _segment_sum(q, key, num_keys)[key]
+    if v.ratio_gradient == "token":  # dw_t/dlogp_t = w_k kappa_k (own token only)
+        g = (wk if kappa is None else wk * kappa)[key] * q
+    else:
+        scale = wk / n if kappa is None else wk * kappa / n
+        g = scale[key] * _segment_sum(q, key, num_keys)[key]
     if dlr is not None:
         g = g * dlr
     if direct is not None:
@@ -407,15 +419,15 @@ LOSS_TYPE_TABLE = {
 }
 # options only the plain stage of the native op library implements (the rest raise there)
 NATIVE_UNSUPPORTED = ("surrogate", "kl_estimator", "use_bias_correction_kl", "clip_ratio_c",
-                      "log_ratio_clamp", "off_policy_mask_threshold", "top_entropy_quantile",
-                      "importance_sampling_mode")
+                      "log_ratio_clamp", "ratio_gradient", "off_policy_mask_threshold",
+                      "top_entropy_quantile", "importance_sampling_mode", "importance_weights")
 
 
 def make_variant(loss_type: str, *, surrogate: str | None = None, kl_estimator: str = "k3",
                  use_bias_correction_kl: bool = False, sapo_temperature_pos: float = 1.0,
                  sapo_temperature_neg: float = 1.05, clip_ratio_c: float | None = None,
                  log_ratio_clamp: float | tuple | None = None,
-                 delta: float | None = None) -> Variant:
+                 ratio_gradient: str = "segment", delta: float | None = None) -> Variant:
     """Validate the variant keywords of rank_grpo_loss and build the stage's Variant."""
     if loss_type not in LOSS_TYPE_TABLE:
         raise ValueError(f"loss_type={loss_type!r} is not one of {list(LOSS_TYPE_TABLE)}")
@@ -451,7 +463,10 @@ def make_variant(loss_type: str, *, surrogate: str | None = None, kl_estimator: 
                              f"(lo, hi) with None for no bound, got {log_ratio_clamp!r}")
         if not clamp[0] <= clamp[1]:
             raise ValueError(f"log_ratio_clamp needs lo <= hi, got {log_ratio_clamp!r}")
-    return Variant(surrogate=surrogate, kl_estimator=kl_estimator,
+    if ratio_gradient not in RATIO_GRADIENTS:
+        raise ValueError(f"ratio_gradient={ratio_gradient!r} is not one of "
+                         f"{list(RATIO_GRADIENTS)}")
+    return Variant(surrogate=surrogate, kl_estimator=kl_estimator, ratio_gradient=ratio_gradient,
                    use_bias_correction_kl=bool(use_bias_correction_kl),
                    sapo_temperature_pos=float(sapo_temperature_pos),
                    sapo_temperature_neg=float(sapo_temperature_neg),
@@ -468,12 +483,15 @@ def detached_weights(surrogate: str, logp: Tensor, old_logp: Tensor, adv: Tensor
                      importance_sampling_clip_max: float | None = 3.0,
                      vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
                      vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+                     importance_weights: Tensor | None = None,
                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The detached per-token weights of the policy term, from canonical [B, T] inputs.
 
     Returns (rho or None, phi or None, entropy_mask or None): rho = off-policy mask x
     entropy mask x sampler importance weight (the last not for vespo, whose phi holds it),
-    phi = VESPO's gamma weight (surrogate "vespo" only).
+    phi = VESPO's gamma weight (surrogate "vespo" only). The sampler weight is computed from
+    sampling_logp (importance_sampling_mode) or given as importance_weights [B, T] / [B, 1]
+    (verl's rollout_is_weights, TRL's inputs["importance_sampling_ratio"]).
     """
     rho = None
 
@@ -497,6 +515,13 @@ def detached_weights(surrogate: str, logp: Tensor, old_logp: Tensor, adv: Tensor
         ent_mask = high_entropy_mask(entropy, mask, float(top_entropy_quantile))
         rho = times(rho, ent_mask.to(logp.dtype))
     is_ratio = None
+    if importance_weights is not None:
+        if importance_sampling_mode is not None:
+            raise ValueError("pass either importance_weights (precomputed) or "
+                             "importance_sampling_mode (computed from sampling_logp), not both")
+        is_ratio = importance_weights.detach().to(logp.dtype).expand_as(logp)
+        if surrogate != "vespo":
+            rho = times(rho, is_ratio)
     if importance_sampling_mode is not None:
         if sampling_logp is None:
             raise ValueError(f"importance_sampling_mode={importance_sampling_mode!r} needs "

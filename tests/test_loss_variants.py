@@ -138,6 +138,12 @@ def configs():
         ("vespo", {"beta": 0.1}, {"use_bias_correction_kl": True}, True),
         ("vespo", {}, {}, False),
         ("geo_mean", {"epsilon_low": 0.1, "epsilon_high": 0.1}, {}, False),
+        ("geo_mean", {"epsilon_low": 0.05, "epsilon_high": 0.08}, {"ratio_gradient": "token"},
+         True),
+        ("clip", {"beta": 0.1, "delta": 1.2}, {"ratio_gradient": "token",
+                                               "use_bias_correction_kl": True,
+                                               "log_ratio_clamp": (-0.05, 0.05)}, True),
+        ("sapo", {}, {"ratio_gradient": "token"}, True),
         ("geo_mean", {"epsilon_low": 0.05, "epsilon_high": 0.08, "beta": 0.1},
          {"log_ratio_clamp": (-0.02, 0.03), "kl_estimator": "k1"}, True),
     ]
@@ -224,6 +230,7 @@ def test_ties_log_ratio_clamp_and_gmpo_bounds(rng, level):
     lo, hi = float(lam.min()), float(lam.max())  # the clamp bounds hit two segments exactly
     p = ClipParams(0.06, 0.08, None, 0.1)
     assert_match(x, p, Variant(log_ratio_clamp=(lo, hi), use_bias_correction_kl=True))
+    assert_match(x, p, Variant(log_ratio_clamp=(lo, hi), ratio_gradient="token"))
     # GMPO: a token log-ratio exactly on eps_high with A > 0, another on -eps_low with A < 0
     t_hi = (lr > 0).nonzero()[0]
     t_lo = (lr < 0).nonzero()[0]
@@ -305,6 +312,9 @@ API_OPTIONS = [
          importance_sampling_clip_max=1.3, importance_sampling_clip_min=0.7),
     dict(surrogate="geo_mean", epsilon_low=0.05, epsilon_high=0.05, beta=0.05,
          kl_estimator="k1"),
+    dict(ratio_gradient="token", log_ratio_clamp=(None, 10.0), beta=0.05,
+         use_bias_correction_kl=True, sampling_logp="samp",
+         importance_sampling_mode="token_truncate"),
     dict(surrogate="cispo_two_sided", sampling_logp="samp",
          importance_sampling_mode="token_mask", importance_sampling_clip_max=1.2),
 ]
@@ -380,6 +390,7 @@ def test_api_errors_name_the_option(rng):
         (dict(clip_ratio_c=3.0, delta=2.0), "clip_ratio_c"),
         (dict(log_ratio_clamp=(1.0, -1.0)), "log_ratio_clamp"),
         (dict(sapo_temperature_neg=0.0, loss_type="sapo"), "sapo_temperature_neg"),
+        (dict(ratio_gradient="row"), "ratio_gradient"),
     ]
     for kw, name in cases:
         with pytest.raises(ValueError, match=name):
@@ -579,7 +590,8 @@ VERL_AGG = {"token-mean": "bnpo", "seq-mean-token-mean": "grpo",
             "seq-mean-token-sum": "luspo", "seq-mean-token-sum-norm": "dr_grpo"}
 VERL_LOSSES = [  # (verl loss_mode, its agg modes, our keywords beyond the clip range)
     ("vanilla", tuple(VERL_AGG), dict(level="token", clip_ratio_c=1.4, log_ratio_clamp=20.0)),
-    ("gspo", tuple(VERL_AGG), dict(level="sequence", log_ratio_clamp=(None, 10.0))),
+    ("gspo", tuple(VERL_AGG), dict(level="sequence", log_ratio_clamp=(None, 10.0),
+                                   ratio_gradient="token")),
     ("sapo", ("seq-mean-token-mean",),
      dict(level="token", surrogate="sapo", log_ratio_clamp=20.0, sapo_temperature_pos=1.3,
           sapo_temperature_neg=0.9)),
@@ -663,3 +675,68 @@ def test_loss_normalizer_of_the_variant_loss_types(rng):
                              loss_type="luspo", backend="torch")
     want = -(b["adv_row"] * m.sum(1)).sum() / m.shape[0]
     torch.testing.assert_close(loss.detach(), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ("bnpo", "vespo"))
+def test_importance_weights_equal_the_computed_sampler_weights(rng, loss_type):
+    b = api_batch(rng)
+    mask = b["mask"]
+    for mode in ("token_truncate", "token_mask"):
+        w = variants.sampling_is_ratio(b["old"], b["samp"], mask, mode, 0.8, 1.2)
+        for backend in ("torch", "reference"):
+            a = api_loss(b, backend, loss_type=loss_type, level="sequence", beta=0.03,
+                         sampling_logp=b["samp"], importance_sampling_mode=mode,
+                         importance_sampling_clip_min=0.8, importance_sampling_clip_max=1.2)
+            c = api_loss(b, backend, loss_type=loss_type, level="sequence", beta=0.03,
+                         importance_weights=w)
+            for x, y in zip(a[:3], c[:3]):
+                assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="importance_weights"):
+        api_loss(b, "torch", importance_weights=torch.ones(3, dtype=F64))
+
+
+@pytest.mark.parametrize("mode", [m[0] for m in VERL_LOSSES])
+def test_parity_with_verl_rollout_is_weights(rng, verl, mode):
+    """verl's rollout_is_weights as importance_weights: per token, except geo_mean, which
+    takes the per-row geometric mean of the weights (verl does that inside geo_mean)."""
+    core, ActorConfig = verl
+    from rankgrpo_kernels import rank_grpo_loss
+
+    _, aggs, ours_kw = next(m for m in VERL_LOSSES if m[0] == mode)
+    logp, old, ref, adv, mask = verl_batch(rng)
+    m = mask.to(F64)
+    isw = torch.where(mask, 0.5 + torch.rand(logp.shape, generator=rng, dtype=F64), 0)
+    ours_w = isw
+    if mode == "geo_mean":
+        ours_w = torch.exp((torch.log(isw + 1e-10) * m).sum(1) / m.sum(1))
+    for agg in aggs:
+        cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                          clip_ratio_low=0.12, clip_ratio_high=0.16, clip_ratio_c=1.4,
+                          tau_pos=1.3, tau_neg=0.9, loss_agg_mode=agg)
+        lp = logp.clone().requires_grad_(True)
+        want, _ = core.get_policy_loss_fn(mode)(old, lp, adv.unsqueeze(1).expand_as(logp), m,
+                                                agg, cfg, rollout_is_weights=isw)
+        (g_want,) = torch.autograd.grad(want, lp)
+        lp2 = logp.clone().requires_grad_(True)
+        got, _ = rank_grpo_loss(lp2, old, adv, None, mask, epsilon_low=0.12, epsilon_high=0.16,
+                                loss_type=VERL_AGG[agg], importance_weights=ours_w,
+                                backend="torch", **ours_kw)
+        (g_got,) = torch.autograd.grad(got, lp2)
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-9)
+
+
+def test_token_ratio_gradient_equals_segment_gradient_for_uniform_rows(rng):
+    """GSPO-token's gradient is the sequence ratio's when every token of a row carries the
+    same advantage and weight (per-row A, bnpo, no per-token weights), and differs otherwise."""
+    b = api_batch(rng)
+    kw = dict(level="sequence", loss_type="bnpo", beta=0.0, epsilon_low=0.5, epsilon_high=0.5)
+    seg = api_loss(b, "torch", adv="row", **kw)
+    tok = api_loss(b, "torch", adv="row", ratio_gradient="token", **kw)
+    torch.testing.assert_close(tok[0], seg[0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(tok[1], seg[1], rtol=0, atol=1e-14)
+    w = torch.where(b["mask"], torch.rand(b["mask"].shape, generator=rng, dtype=F64) + 0.5, 0)
+    seg = api_loss(b, "torch", adv="row", importance_weights=w, **kw)
+    tok = api_loss(b, "torch", adv="row", importance_weights=w, ratio_gradient="token", **kw)
+    torch.testing.assert_close(tok[0], seg[0], rtol=0, atol=1e-15)
+    assert (tok[1] - seg[1]).abs().max() > 1e-6
