@@ -339,7 +339,13 @@ def train_loop(model, tokenizer, cfg, accelerator, logger: RunLogger,
             if eval_records is not None and cfg.eval_on_start and step == 0:
                 evaluate(step)
             while step < total_steps:
-                rec = train_step(step + 1)
+                try:
+                    rec = train_step(step + 1)
+                except ValueError as e:  # the kernels' input check: NaN/inf hidden states
+                    if "NaN or inf" not in str(e):
+                        raise
+                    raise NonFiniteError(f"step {step + 1}: {e}; the update was not applied, "
+                                         "the last checkpoint is intact") from e
                 step += 1
                 state.step = step
                 history.append(rec)

@@ -68,6 +68,23 @@ def test_nonfinite_gradient_stops_naming_the_step_and_keeps_the_last_checkpoint(
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
 
 
+def test_nonfinite_forward_stops_naming_the_step(world, tmp_path):
+    """NaN hidden states (e.g. an overflow in the forward) are caught by the kernels' input
+    check; the loop reports them as a non-finite step too."""
+    tok = world[0]
+    model = make_model(tok)
+    count = [0]
+
+    def hook(_mod, _inp, out):
+        count[0] += 1
+        return out * float("nan") if count[0] == 5 else out
+
+    model.model.norm.register_forward_hook(hook)
+    with pytest.raises(NonFiniteError, match=r"^step 3: hidden contains NaN"):
+        _sft(world, tmp_path, model=model)
+    assert ck.latest_checkpoint(tmp_path).name == "checkpoint-2"
+
+
 def test_nonfinite_step_is_skipped_when_allowed(world, tmp_path):
     tok = world[0]
     model = make_model(tok)
