@@ -17,15 +17,16 @@ PY=${PY:-python}
 STAGES=${STAGES:-"prep popularity zeroshot sft eval-sft grpo rank-grpo-exp_inf rank-grpo-log"}
 N_RANKS=${N_RANKS:-5}              # items per list (the shipped records hold 20)
 TRAIN_RECORDS=${TRAIN_RECORDS:-0}   # 0: every training record
-TEST_RECORDS=${TEST_RECORDS:-40}    # held-out test records (first K of the test split)
+TEST_RECORDS=${TEST_RECORDS:-20}    # held-out test records (first K of the test split)
 MAX_TURNS=${MAX_TURNS:-4}           # keep the last K turns of each conversation (0: all)
-SFT_STEPS=${SFT_STEPS:-20}
+SFT_STEPS=${SFT_STEPS:-4}
 SFT_BATCH=${SFT_BATCH:-8}
 SFT_LR=${SFT_LR:-1.0e-4}
-GRPO_STEPS=${GRPO_STEPS:-4}
+GRPO_STEPS=${GRPO_STEPS:-2}
 GRPO_PROMPTS=${GRPO_PROMPTS:-2}     # prompts per step
 GRPO_GENS=${GRPO_GENS:-4}           # completions per prompt
 GRPO_LR=${GRPO_LR:-1.0e-5}
+GRPO_BETA=${GRPO_BETA:-0.0}          # 0: no reference forward pass (CPU budget)
 MAX_NEW=${MAX_NEW:-64}             # completion / greedy-eval token cap
 EVAL_BATCH=${EVAL_BATCH:-20}
 SEED=${SEED:-42}
@@ -40,7 +41,7 @@ grpo_common=("grpo.init_from=$OUT/sft/final" "grpo.max_steps=$GRPO_STEPS"
              "grpo.num_generations=$GRPO_GENS"
              "grpo.per_device_train_batch_size=$((GRPO_PROMPTS * GRPO_GENS))"
              grpo.gradient_accumulation_steps=1 "grpo.max_completion_length=$MAX_NEW"
-             "grpo.learning_rate=$GRPO_LR" grpo.save_steps=0 grpo.eval_steps=0
+             "grpo.learning_rate=$GRPO_LR" "grpo.beta=$GRPO_BETA" grpo.save_steps=0 grpo.eval_steps=0
              grpo.logging_steps=1 "grpo.seed=$SEED" grpo.long_prompts=skip
              data.eval_file=null)  # held-out eval runs once, in its own stage
 stamp() { date -u +%Y-%m-%dT%H:%M:%SZ; }
@@ -91,6 +92,24 @@ catalog = load_default_catalog("redial")
 pop = PopularityTeacher.from_records(train, catalog)
 texts = [format_completion(pop(r, n)) for r in test]
 print(json.dumps(evaluate(test, texts, catalog, [5, 10, 20], num_ranks=n), indent=1))
+PYEOF
+      ;;
+    rescore)  # score saved generations (FILE=..._generations.jsonl) on the current test.jsonl
+      run_stage "rescore-$(basename "$FILE" .jsonl)" "$PY" - "$OUT/data" "$N_RANKS" "$FILE" <<'PYEOF'
+import json, sys
+from rankgrpo.catalog import load_default_catalog
+from rankgrpo.metrics import evaluate
+from rankgrpo.records import load_records
+out, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+test = load_records(f"{out}/test.jsonl", "test")
+gens = [json.loads(line) for line in open(path)]
+by_prompt = {g["prompt"]: g["generation"] for g in gens}
+missing = [r["prompt"] for r in test if r["prompt"] not in by_prompt]
+assert not missing, f"{len(missing)} test prompts have no saved generation in {path}"
+texts = [by_prompt[r["prompt"]] for r in test]
+print(f"{path}: {len(test)} records of {out}/test.jsonl")
+m = evaluate(test, texts, load_default_catalog("redial"), [5, 10, 20], num_ranks=n)
+print(json.dumps(m, indent=1))
 PYEOF
       ;;
     zeroshot)
