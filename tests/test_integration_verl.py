@@ -71,7 +71,7 @@ def test_registered_by_name():
 def test_matches_verl_loss(rng, ours, theirs, per_row, mode, global_info):
     cfg = _config(global_info)
     logp, old, adv, mask = _batch(rng, per_row_adv=per_row)
-    if theirs == "gspo":  # stay below gspo's sequence log-ratio cap of 10 (not applied by us)
+    if theirs == "gspo":  # below gspo's sequence log-ratio cap of 10 (the cap has its own test)
         assert float(((logp - old) * mask).sum(-1).div(mask.sum(-1).clamp(min=1)).max()) < 10
     lv, gv, mv = _run(core_algos.get_policy_loss_fn(theirs), logp, old, adv, mask, mode, cfg)
     lo, go, mo = _run(core_algos.get_policy_loss_fn(ours), logp, old, adv, mask, mode, cfg)
@@ -119,9 +119,20 @@ def test_refused_options_name_themselves(rng):
     fn = core_algos.get_policy_loss_fn("rankgrpo_token")
     with pytest.raises(UnsupportedOptionError, match="rollout_is_weights"):
         fn(old, logp, adv, mask, "token-mean", _config(False), torch.ones_like(logp))
-    cfg = _config(False, clip_ratio_c=1.1)  # not above 1 + clip_ratio_high: no equivalent
-    with pytest.raises(UnsupportedOptionError, match="clip_ratio_c"):
-        fn(old, logp, adv, mask, "token-mean", cfg)
+
+
+def test_dual_clip_below_the_upper_clip_and_log_ratio_clamp(rng):
+    """clip_ratio_c inside (1, 1 + clip_ratio_high] and log-ratios past verl's clamps."""
+    logp, old, adv, mask = _batch(rng)
+    logp[2, :2] = old[2, :2] + 25.0  # beyond vanilla's [-20, 20] clamp
+    logp[3, :2] = old[3, :2] - 25.0
+    cfg = _config(False, clip_ratio_c=1.1)
+    lv, gv, _ = _run(core_algos.get_policy_loss_fn("vanilla"), logp, old, adv, mask,
+                     "token-mean", cfg)
+    lo, go, _ = _run(core_algos.get_policy_loss_fn("rankgrpo_token"), logp, old, adv, mask,
+                     "token-mean", cfg)
+    assert abs(float(lv - lo)) <= 1e-9 * max(1.0, abs(float(lv)))
+    assert float((gv - go).abs().max()) <= 1e-9
 
 
 def test_catalog_reward_manager_and_rank_advantages():
@@ -168,3 +179,15 @@ def test_docs_table_in_sync():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
     assert table_markdown(rv.VERL_OPTIONS) in doc, "regenerate the verl table in the doc"
+
+
+def test_gspo_sequence_log_ratio_cap(rng):
+    logp, old, adv, mask = _batch(rng, per_row_adv=True)
+    logp[0] = old[0] + 12.0  # the sequence log-ratio of row 0 is past gspo's cap of 10
+    cfg = _config(False)
+    lv, gv, _ = _run(core_algos.get_policy_loss_fn("gspo"), logp, old, adv, mask,
+                     "seq-mean-token-mean", cfg)
+    lo, go, _ = _run(core_algos.get_policy_loss_fn("rankgrpo_sequence"), logp, old, adv, mask,
+                     "seq-mean-token-mean", cfg)
+    assert abs(float(lv - lo)) <= 1e-9 * max(1.0, abs(float(lv)))
+    assert float((gv - go).abs().max()) <= 1e-9

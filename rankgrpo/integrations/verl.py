@@ -4,8 +4,8 @@ reward manager.
 Importing this module registers three policy losses, picked in a verl config by
 `actor_rollout_ref.actor.policy_loss.loss_mode=<name>`:
 
-- "rankgrpo_token": token-level clipped surrogate (equals verl's "vanilla", dual clip
-  included: verl's `clip_ratio_c` is the kernel's `delta`, see VERL_OPTIONS);
+- "rankgrpo_token": token-level clipped surrogate (equals verl's "vanilla": dual clip
+  `clip_ratio_c` and the log-ratio clamp included);
 - "rankgrpo_sequence": sequence-level ratio (GSPO; equals verl's "gspo" whenever the
   advantage is constant along a response, as verl's GRPO / RLOO estimators give);
 - "rankgrpo_rank": Rank-GRPO, one ratio per (response, rank) segment.
@@ -87,10 +87,8 @@ VERL_OPTIONS: tuple[Option, ...] = (
            "rankgrpo_token / rankgrpo_sequence / rankgrpo_rank"),
     Option("clip_ratio / clip_ratio_low / clip_ratio_high", "PPO clip range", "epsilon_low / "
            "epsilon_high (low and high fall back to clip_ratio)"),
-    Option("clip_ratio_c", "dual-clip bound for negative advantages (token level)",
-           "delta (exact: for A < 0 the dual clip equals the cap min(w, c) of the unclipped "
-           "term; for A > 0 neither binds), valid when clip_ratio_c > 1 + clip_ratio_high",
-           ),
+    Option("clip_ratio_c", "dual-clip bound for negative advantages (token level, vanilla)",
+           "clip_ratio_c"),
     Option("loss_agg_mode", "token-mean, token-sum, seq-mean-token-sum, seq-mean-token-mean, "
            "seq-mean-token-sum-norm", "loss_type + normalizer (VERL_AGG_MODES)"),
     Option("global_batch_info (dp_size, batch_num_tokens, global_batch_size)",
@@ -113,9 +111,8 @@ VERL_OPTIONS: tuple[Option, ...] = (
            "bypass_mode", "verl's other losses",
            unsupported="no rankgrpo equivalent yet; keep verl's own loss_mode", raises=False),
     Option("log-ratio clamps", "vanilla clamps log(ratio) to [-20, 20], gspo caps the "
-           "sequence log-ratio at 10", unsupported="not applied by the kernel: results differ "
-           "only where abs(log ratio) > 20 (vanilla) or the sequence log ratio > 10 (gspo); "
-           "see docs/integrations.md", raises=False),
+           "sequence log-ratio at 10", "log_ratio_clamp=(-20, 20) (token), (None, 10) "
+           "(sequence); none at the rank level"),
 )
 
 
@@ -196,15 +193,14 @@ def policy_loss(level: str, old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     high = _get(config, "clip_ratio_high", None)
     low = clip if low is None else low
     high = clip if high is None else high
-    delta = None
+    dual = None
+    clamp = None
     if level == "token":
-        c = _get(config, "clip_ratio_c", 3.0)
-        if c is not None:
-            if not c > 1 + high:
-                raise UnsupportedOptionError(
-                    f"clip_ratio_c={c}: the dual clip maps to the kernel's delta only when "
-                    f"clip_ratio_c > 1 + clip_ratio_high = {1 + high}")
-            delta = float(c)
+        dual = _get(config, "clip_ratio_c", 3.0)
+        dual = None if dual is None else float(dual)
+        clamp = (-20.0, 20.0)  # verl's vanilla clamps each token's log-ratio
+    elif level == "sequence":
+        clamp = (None, 10.0)  # verl's gspo caps the sequence log-ratio
     mask = response_mask.bool()
     seg = None
     if level == "rank":
@@ -225,8 +221,8 @@ def policy_loss(level: str, old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     normalizer = _normalizer(loss_agg_mode, mask, info, config)
     loss, _ = rank_grpo_loss(
         log_prob, old_log_prob, adv, seg, mask, epsilon_low=float(low),
-        epsilon_high=float(high), delta=delta, level=level, loss_type=kernel_loss,
-        normalizer=normalizer, advantages_per="token", backend=backend)
+        epsilon_high=float(high), clip_ratio_c=dual, log_ratio_clamp=clamp, level=level,
+        loss_type=kernel_loss, normalizer=normalizer, advantages_per="token", backend=backend)
     # verl's metric names and definitions (local means over the response mask).
     with torch.no_grad():
         lr = (log_prob - old_log_prob).detach()
@@ -248,8 +244,8 @@ def policy_loss(level: str, old_log_prob: torch.Tensor, log_prob: torch.Tensor,
         l1, l2 = -a * w, -a * w.clamp(1 - low, 1 + high)
         clipfrac = ((l2 > l1).to(lr.dtype) * m).sum() / denom
         lower = torch.zeros((), dtype=lr.dtype)
-        if delta is not None:
-            l3 = -a * delta
+        if dual is not None:
+            l3 = -a * dual
             lower = ((torch.maximum(l1, l2) > l3) & (a < 0)).to(lr.dtype).mul(m).sum() / denom
         metrics = {"actor/pg_clipfrac": float(clipfrac),
                    "actor/ppo_kl": float((-lr * m).sum() / denom),
