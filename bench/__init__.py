@@ -7,5 +7,7 @@
 
 Modules: suites (what runs), inputs (the rollout-shaped batch), contenders (ours and the
 peers), timing and memory (how it is measured), flops (FLOP counts, matmul rate), runner
-(the loop), worker (one isolated measurement), report (JSON, markdown, plots, targets).
+(one loop over shapes and T; in-process or one process per measurement), worker (one
+isolated measurement), report (progress lines, JSON, markdown, optional plots, the cpu
+summary, targets; refuses absolute paths).
 """
