@@ -209,7 +209,7 @@ def test_option_parity(batch_trainer, name, value):
 def test_refused_options_name_themselves(name, tmp_path):
     row = next(o for o in TRL_OPTIONS if o.name == name)
     if row.supported:
-        pytest.skip(f"{name} is supported now: add it to the parity grid")
+        pytest.skip(f"{name} is supported now: test_option_parity / the grid check it")
     with pytest.raises(UnsupportedOptionError, match=name):
         _config(RankGRPOConfig, tmp_path, **ACTIVATE[name])
 
