@@ -96,8 +96,9 @@ def test_on_policy_ratio_is_exactly_one(rng):
         old = linear_logprobs(h, w, y, backend="triton")
     hg = h.clone().requires_grad_()
     wg = w.clone().requires_grad_()
+    eos = torch.zeros_like(mask)  # truncated rows: no EOS token to exclude
     loss, m = fused_linear_rank_grpo_loss(hg, wg, y, old, adv, seg, mask, backend="triton",
-                                          num_segments=R + 1)
+                                          num_segments=R + 1, eos_mask=eos)
     loss.backward()
     assert m["importance_ratio/min"].item() == 1.0
     assert m["importance_ratio/max"].item() == 1.0
