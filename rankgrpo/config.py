@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from rankgrpo_kernels import BACKENDS, LEVELS, LOSS_TYPES, check_delta
+from rankgrpo_kernels import BACKENDS, LEVELS, LOSS_TYPE_TABLE, LOSS_TYPES, check_delta
 
 from .rewards import REWARD_KINDS
 
@@ -148,6 +148,8 @@ class GRPOConfig(_Loop):
     epsilon_high: float = 0.08
     delta: float | None = None
     beta: float = 1e-3
+    # one of rankgrpo_kernels.LOSS_TYPES (docs/math.md sections 7 and 7.1); for "cispo",
+    # epsilon_high is the cap on the ratio itself (TRL recommends 5.0), not 1 + epsilon_high
     loss_type: str = "bnpo"
     importance_sampling_level: str = "rank"
     reward_kind: str = "exp_inf"
@@ -302,6 +304,10 @@ def validate_section(name: str, cfg: Any) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _choice(k("loss_type"), cfg.loss_type, LOSS_TYPES)
+    if cfg.kernel_backend == "native" and LOSS_TYPE_TABLE[cfg.loss_type][1] != "clip":
+        _fail(k("loss_type"), cfg.loss_type, "a loss type of the plain clip surrogate with "
+              "kernel_backend=native (its op library lacks the others; 'auto' picks torch's "
+              "stage for them)")
     _choice(k("importance_sampling_level"), cfg.importance_sampling_level, LEVELS)
     _choice(k("reward_kind"), cfg.reward_kind, REWARD_KINDS)
     if cfg.reward_kind == "exp_gamma" and (cfg.reward_gamma is None or cfg.reward_gamma <= 1):

@@ -3,16 +3,19 @@
 The package owns the whole loss contract of docs/math.md sections 5-9: per-token advantages
 (`token_advantages`, with an explicit `eos_mask`), the loss and its denominator
 (`rank_grpo_loss`, `fused_linear_rank_grpo_loss`, `loss_normalizer`), the metrics
-(`metrics_from_sums`) and the option names (LOSS_TYPES, LEVELS, BACKENDS, ADVANTAGES_PER).
+(`metrics_from_sums`) and the option names (LOSS_TYPES from LOSS_TYPE_TABLE, its AGGREGATIONS,
+LEVELS, BACKENDS, ADVANTAGES_PER).
 A trainer calls these instead of restating any formula.
 """
 
 from .backends import native_available, triton_available
 from .contract import (
     ADVANTAGES_PER,
+    AGGREGATIONS,
     BACKENDS,
     DELTA_MIN,
     LEVELS,
+    LOSS_TYPE_TABLE,
     LOSS_TYPES,
     Phase1Backend,
     check_delta,
@@ -62,6 +65,8 @@ __all__ = [
     "SUM_REDUCTIONS",
     # option names, backends
     "LOSS_TYPES",
+    "LOSS_TYPE_TABLE",
+    "AGGREGATIONS",
     "LEVELS",
     "BACKENDS",
     "ADVANTAGES_PER",

@@ -10,8 +10,29 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-# docs/math.md section 7: how the per-token losses are aggregated.
-LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "rank")
+# docs/math.md sections 7 and 7.1: every `loss_type` of rank_grpo_loss -> (its aggregation,
+# its default surrogate). The aggregation (the weights u_t and the denominator D of section 7,
+# `loss_normalizer`) is the name of a plain loss type, the one with that aggregation and the
+# "clip" surrogate; the surrogates are those of `variants.SURROGATES`. "dapo" is bnpo: its
+# global token count is the `normalizer` keyword (TRL's num_items_in_batch). A new loss type
+# is one row here; the names below, the config and the tests follow.
+LOSS_TYPE_TABLE: dict[str, tuple[str, str]] = {
+    "bnpo": ("bnpo", "clip"),
+    "grpo": ("grpo", "clip"),
+    "dr_grpo": ("dr_grpo", "clip"),
+    "rank": ("rank", "clip"),
+    "dapo": ("bnpo", "clip"),
+    "luspo": ("luspo", "clip"),
+    "cispo": ("bnpo", "cispo"),
+    "sapo": ("grpo", "sapo"),
+    "vespo": ("bnpo", "vespo"),
+}
+# Every loss type rank_grpo_loss, loss_normalizer and the trainer's `grpo.loss_type` accept.
+LOSS_TYPES = tuple(LOSS_TYPE_TABLE)
+# The distinct aggregations, in table order: one denominator formula each, and each the plain
+# loss type (clip surrogate) of its aggregation, so a test over them covers every
+# `loss_normalizer` branch and every backend (the native stage implements the plain loss only).
+AGGREGATIONS = tuple(dict.fromkeys(agg for agg, _ in LOSS_TYPE_TABLE.values()))
 # docs/math.md section 6: which tokens share an importance ratio.
 LEVELS = ("token", "sequence", "rank")
 # Public `backend=` values; `backends.py` maps each to its phase-1 and phase-2 implementation.

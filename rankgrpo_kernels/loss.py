@@ -19,7 +19,7 @@ from ._validate import (
     check_same_shape,
     check_tensor,
 )
-from .contract import ADVANTAGES_PER, LEVELS, LOSS_TYPES, check_delta
+from .contract import ADVANTAGES_PER, LEVELS, LOSS_TYPE_TABLE, LOSS_TYPES, check_delta
 from .linear_logprobs import linear_logprobs
 from .segment_stage import (
     ClipParams,
@@ -30,10 +30,7 @@ from .segment_stage import (
     torch_stage,
 )
 from .segments import level_segment_ids, token_advantages
-from .variants import LOSS_TYPE_TABLE, NATIVE_UNSUPPORTED
-
-# LOSS_TYPES (the trainer's aggregations) plus the variants' names: docs/math.md 7.1
-ALL_LOSS_TYPES = tuple(LOSS_TYPE_TABLE)
+from .variants import NATIVE_UNSUPPORTED
 
 __all__ = ["LOSS_TYPES", "LinearRankGRPOLoss", "Prepared", "fused_linear_rank_grpo_loss",
            "loss_normalizer", "metrics_from_sums", "prepare", "rank_grpo_loss"]
@@ -73,8 +70,8 @@ def loss_normalizer(mask: torch.Tensor, segment_ids: torch.Tensor | None, loss_t
 
     bnpo: masked tokens; grpo: rows; dr_grpo: rows x max_completion_length (default: the
     padded length T); rank: non-empty (row, segment) pairs over masked tokens, the overflow
-    bin included; luspo: rows. dapo, cispo, vespo count as bnpo and sapo as grpo
-    (docs/math.md section 7.1).
+    bin included; luspo: rows. Every other loss type counts as its aggregation in
+    `contract.LOSS_TYPE_TABLE` (docs/math.md section 7.1).
 
     Not clamped, so the sums over micro-batches and processes are exact; callers clamp the
     total to >= 1 (`prepare` does, for a single call). No host sync.
@@ -90,25 +87,28 @@ def loss_normalizer(mask: torch.Tensor, segment_ids: torch.Tensor | None, loss_t
     Returns:
         0-dim float64 tensor on mask's device.
     """
-    check_choice("loss_type", loss_type, ALL_LOSS_TYPES)
+    check_choice("loss_type", loss_type, LOSS_TYPES)
     check_tensor("mask", mask, ndims=(1, 2))
-    loss_type = LOSS_TYPE_TABLE[loss_type][0]  # its aggregation
+    agg = LOSS_TYPE_TABLE[loss_type][0]  # one of AGGREGATIONS
     m = _as_2d(mask) != 0
     b, t = m.shape
     f64 = dict(dtype=torch.float64, device=m.device)
-    if loss_type == "bnpo":
+    if agg == "bnpo":
         return m.sum().to(torch.float64)
-    if loss_type in ("grpo", "luspo"):
+    if agg in ("grpo", "luspo"):
         return torch.tensor(float(b), **f64)
-    if loss_type == "dr_grpo":
+    if agg == "dr_grpo":
         length = t if max_completion_length is None else max_completion_length
         if max_completion_length is not None and not (
                 isinstance(length, int) and not isinstance(length, bool) and length >= 1):
             raise ValueError(f"max_completion_length must be an int >= 1, got {length!r}")
         return torch.tensor(float(b * length), **f64)
+    if agg != "rank":  # a new aggregation in contract.LOSS_TYPE_TABLE needs its formula here
+        raise NotImplementedError(f"loss_normalizer has no denominator for the aggregation "
+                                  f"{agg!r} of loss_type={loss_type!r}")
     if segment_ids is None:
-        raise ValueError("loss_type='rank' needs segment_ids to count the (row, segment) "
-                         "pairs of the denominator")
+        raise ValueError(f"loss_type={loss_type!r} needs segment_ids to count the (row, "
+                         "segment) pairs of the denominator")
     check_same_shape("segment_ids", segment_ids, "mask", mask)
     if m.numel() == 0:
         return torch.zeros((), **f64)
@@ -192,7 +192,7 @@ def prepare(logp, old_logp, advantages, segment_ids, mask, *, ref_logp=None,
     advantages become per-token ones through `token_advantages` (docs/math.md section 5).
     """
     check_choice("level", level, LEVELS)
-    check_choice("loss_type", loss_type, ALL_LOSS_TYPES)
+    check_choice("loss_type", loss_type, LOSS_TYPES)
     check_tensor("logp", logp, dtypes=FLOAT_DTYPES, ndims=(1, 2))
     check_tensor("mask", mask, ndims=(1, 2))
     check_same_shape("mask", mask, "logp", logp)
@@ -270,10 +270,13 @@ def prepare(logp, old_logp, advantages, segment_ids, mask, *, ref_logp=None,
         u = mf
     elif agg == "grpo":
         u = mf / mf.sum(1, keepdim=True).clamp(min=1)
-    else:  # rank: each non-empty (row, segment) pair weighs the same
+    elif agg == "rank":  # each non-empty (row, segment) pair weighs the same
         agg_key = torch.where(m, rows * agg_num + agg_seg.clamp(min=0), 0)
         n = mf.new_zeros(b * agg_num).index_add_(0, agg_key.reshape(-1), mf.reshape(-1))
         u = mf / n[agg_key].clamp(min=1)
+    else:  # a new aggregation in contract.LOSS_TYPE_TABLE needs its weights u_t here
+        raise NotImplementedError(f"prepare has no weights u_t for the aggregation {agg!r} of "
+                                  f"loss_type={loss_type!r}")
     if normalizer is not None:
         denom = torch.as_tensor(normalizer, dtype=acc, device=lp.device)
         if validate and not bool(denom > 0):
@@ -430,7 +433,8 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
         backend: one of BACKENDS: "auto", "reference" (autograd of the expression), "torch"
             (closed form), "triton" (phase 1 only; its segment stage is torch's) or "native"
             (the C++/CUDA op library; the defaults of docs/math.md section 7.1 only, a
-            ValueError names any other option).
+            ValueError names any other option). "auto" takes the native stage on CUDA where
+            it is built and torch's elsewhere and for any option the native one lacks.
         validate: check shapes, values and finiteness (costs host syncs). With
             validate=False and num_segments known, the loss makes no host sync.
     Returns:
@@ -471,6 +475,8 @@ def rank_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None,
             "importance_weights", importance_weights, logp, prep.logp.dtype))
     plain = variant.is_default() and rho is None and phi is None
     name = backends.phase2_name(backend, prep.logp.device)
+    if not plain and name == "native" and backend == "auto":
+        name = "torch"  # auto never picks a stage that lacks the option (every LOSS_TYPES works)
     if not plain and name == "native":
         raise ValueError(_native_refusal(variant, off_policy_mask_threshold,
                                          top_entropy_quantile, importance_sampling_mode,

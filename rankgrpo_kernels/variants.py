@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .contract import LOSS_TYPE_TABLE
 from .segment_stage import ClipParams
 from .segment_stage import _stats as plain_stats
 
@@ -404,19 +405,7 @@ def gamma_weights(adv: Tensor, logp: Tensor, old_logp: Tensor, mask: Tensor,
 
 # ---------------------------------------------------------------- keywords -> options
 
-# loss_type -> (aggregation of loss.prepare, default surrogate); docs/math.md section 7.1.
-# "dapo" is bnpo: its global token count is the `normalizer` keyword (TRL's num_items_in_batch).
-LOSS_TYPE_TABLE = {
-    "bnpo": ("bnpo", "clip"),
-    "grpo": ("grpo", "clip"),
-    "dr_grpo": ("dr_grpo", "clip"),
-    "rank": ("rank", "clip"),
-    "dapo": ("bnpo", "clip"),
-    "luspo": ("luspo", "clip"),
-    "cispo": ("bnpo", "cispo"),
-    "sapo": ("grpo", "sapo"),
-    "vespo": ("bnpo", "vespo"),
-}
+# loss_type -> (aggregation, default surrogate) is contract.LOSS_TYPE_TABLE (imported above).
 # options only the plain stage of the native op library implements (the rest raise there)
 NATIVE_UNSUPPORTED = ("surrogate", "kl_estimator", "use_bias_correction_kl", "clip_ratio_c",
                       "log_ratio_clamp", "ratio_gradient", "off_policy_mask_threshold",

@@ -14,8 +14,10 @@ import torch
 import rankgrpo_kernels as rk
 from rankgrpo_kernels import (
     ADVANTAGES_PER,
+    AGGREGATIONS,
     BACKENDS,
     LEVELS,
+    LOSS_TYPE_TABLE,
     LOSS_TYPES,
     LengthShaping,
     backends,
@@ -208,11 +210,14 @@ def test_loss_normalizer_counts(rng):
     B, T, N = 7, 19, 4
     mask, seg, _ = ragged(rng, B, T, N)
     mask[3] = False  # an empty row
-    want = {"bnpo": int(mask.sum()), "grpo": B, "dr_grpo": B * T, "rank": _pairs(mask, seg)}
+    # per aggregation (docs/math.md sections 7, 7.1); a new one needs its count here
+    want = {"bnpo": int(mask.sum()), "grpo": B, "dr_grpo": B * T, "rank": _pairs(mask, seg),
+            "luspo": B}
+    assert set(want) == set(AGGREGATIONS)
     for lt in LOSS_TYPES:
         d = loss_normalizer(mask, seg, lt)
         assert d.dtype == torch.float64 and d.shape == ()
-        assert d.item() == want[lt], lt
+        assert d.item() == want[LOSS_TYPE_TABLE[lt][0]], lt
     assert loss_normalizer(mask, None, "dr_grpo", max_completion_length=64).item() == B * 64
     # not clamped: an all-masked micro-batch contributes 0 to the global sum
     for lt in ("bnpo", "rank"):
@@ -371,9 +376,15 @@ def test_check_delta():
 
 def test_enumerations_have_one_source():
     from rankgrpo_kernels import backends as be
-    from rankgrpo_kernels import contract, loss, segments
+    from rankgrpo_kernels import contract, loss, segments, variants
 
     assert loss.LOSS_TYPES is contract.LOSS_TYPES is LOSS_TYPES
+    assert variants.LOSS_TYPE_TABLE is contract.LOSS_TYPE_TABLE is LOSS_TYPE_TABLE
+    assert LOSS_TYPES == tuple(LOSS_TYPE_TABLE)
+    # each aggregation is the plain (clip) loss type of itself; every default surrogate exists
+    assert set(AGGREGATIONS) == {agg for agg, _ in LOSS_TYPE_TABLE.values()}
+    assert all(LOSS_TYPE_TABLE[agg] == (agg, "clip") for agg in AGGREGATIONS)
+    assert all(sur in variants.SURROGATES for _, sur in LOSS_TYPE_TABLE.values())
     assert segments.LEVELS is contract.LEVELS is LEVELS
     assert be.BACKENDS is contract.BACKENDS is BACKENDS
     assert ADVANTAGES_PER == ("token", "rank", "row")
@@ -431,6 +442,31 @@ def test_backend_selection(monkeypatch):
         backends.phase2_name("segment_triton", cpu)
 
 
+def test_auto_backend_accepts_every_loss_type(rng, monkeypatch):
+    """Where "auto" picks the native stage (CUDA with the op library), a loss type whose
+    surrogate that stage lacks runs on torch's stage instead of raising; "native" itself
+    refuses it by name. Simulated on the CPU: phase2_name answers "native" for "auto"."""
+    B, T, N = 3, 8, 2
+    mask, seg, eos = ragged(rng, B, T, N)
+    logp = -torch.rand(B, T, generator=rng, dtype=torch.float64)
+    old = logp + 0.1 * torch.randn(B, T, generator=rng, dtype=torch.float64)
+    A = torch.randn(B, N, generator=rng, dtype=torch.float64)
+    kw = dict(eos_mask=eos, num_segments=N + 1)
+    want = {lt: rank_grpo_loss(logp, old, A, seg, mask, loss_type=lt, backend="torch", **kw)[0]
+            for lt in LOSS_TYPES}
+    real = backends.phase2_name
+    monkeypatch.setattr(backends, "phase2_name",
+                        lambda b, d: "native" if b == "auto" else real(b, d))
+    variant_types = [lt for lt in LOSS_TYPES if LOSS_TYPE_TABLE[lt][1] != "clip"]
+    assert variant_types  # cispo, sapo, vespo today
+    for lt in variant_types:
+        got, _ = rank_grpo_loss(logp, old, A, seg, mask, loss_type=lt, backend="auto", **kw)
+        assert torch.equal(got, want[lt]), lt
+        if native.available():
+            with pytest.raises(ValueError, match="backend='native'"):
+                rank_grpo_loss(logp, old, A, seg, mask, loss_type=lt, backend="native", **kw)
+
+
 # ----------------------------------------------------------------- edge cases (issue 13)
 
 @pytest.mark.parametrize("backend", ALL)
@@ -442,7 +478,7 @@ def test_empty_batch_gives_zero_loss_and_gradients(backend, shape):
     y = torch.randint(0, 11, (B, T))
     mask = torch.ones(B, T, dtype=torch.bool)
     seg = torch.zeros(B, T, dtype=torch.long)
-    for lt in LOSS_TYPES:
+    for lt in AGGREGATIONS if backend == "native" else LOSS_TYPES:  # native: plain loss only
         loss, met = fused_linear_rank_grpo_loss(
             h, w, y, None, torch.randn(B, 2), seg, mask, eos_mask=torch.zeros_like(mask),
             ref_logp=torch.zeros(B, T), beta=0.1, loss_type=lt, backend=backend)
