@@ -104,6 +104,7 @@ def test_endpoint_round_trip_retry_key_and_cache(server, tmp_path, monkeypatch):
                         backoff=0.01).recommend(convs[:1], 20)
 
 
+@pytest.mark.slow  # ~20-30 s on a busy 2-core machine; still runs in CI
 def test_rra_cli_through_the_endpoint(model_dir, tmp_path):
     from rankgrpo.catalog import load_default_catalog, write_catalog_tsv
     from rankgrpo.records import groundtruth_pairs

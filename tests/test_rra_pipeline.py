@@ -93,6 +93,7 @@ class ScriptedTeacher:
                          for i, (t, y) in enumerate(candidates))
 
 
+@pytest.mark.slow  # ~20-30 s on a busy 2-core machine; still runs in CI
 def test_end_to_end_tiny_teacher(tmp_path, small_catalog, embedder, tiny_teacher):
     cfg = _cfg(tmp_path, small_catalog)
     man = run_rra(cfg, teacher=tiny_teacher, embedder=embedder)
