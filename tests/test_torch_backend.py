@@ -8,7 +8,9 @@ from _factory import make_batch, run_fused
 
 import rankgrpo_kernels.logprobs_torch as lt
 from rankgrpo_kernels import (
+    AGGREGATIONS,
     LEVELS,
+    LOSS_TYPE_TABLE,
     LOSS_TYPES,
     fused_linear_rank_grpo_loss,
     linear_logprobs,
@@ -125,12 +127,14 @@ def test_batch_invariance_bitwise(rng, dtype):
 def test_split_invariance_with_global_normalizer(rng, loss_type):
     batch = make_batch(rng, B=6, bias=False)
     m = batch["mask"]
-    pairs = None
-    if loss_type == "rank":
-        seg = batch["segment_ids"]
-        pairs = sum(len(torch.unique(seg[i][m[i]])) for i in range(6))
-    norm = {"bnpo": m.sum().item(), "grpo": 6, "dr_grpo": 6 * m.shape[1], "rank": pairs}
-    kw = dict(loss_type=loss_type, normalizer=float(norm[loss_type]), beta=0.02,
+    seg = batch["segment_ids"]
+    pairs = sum(len(torch.unique(seg[i][m[i]])) for i in range(6))
+    # the whole batch's denominator per aggregation (docs/math.md sections 7, 7.1)
+    norm = {"bnpo": m.sum().item(), "grpo": 6, "dr_grpo": 6 * m.shape[1], "rank": pairs,
+            "luspo": 6}
+    assert set(norm) == set(AGGREGATIONS)
+    kw = dict(loss_type=loss_type, normalizer=float(norm[LOSS_TYPE_TABLE[loss_type][0]]),
+              beta=0.02,
               num_segments=batch["num_ranks"] + 1)
     whole = run_fused(batch, "torch", **{k: v for k, v in kw.items() if k != "normalizer"})
     parts = []
