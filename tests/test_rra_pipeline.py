@@ -225,3 +225,19 @@ def test_remap_scores_are_float32_rows(tmp_path, small_catalog, embedder):
     c, hit_c = catalog_embeddings(embedder, ["Heat (1995)"], tmp_path)
     assert (hit_a, hit_b, hit_c) == (False, True, False)
     assert torch.equal(a, b) and a.dtype == torch.float32 and c.shape[0] == 1
+
+
+def test_item_texts_with_metadata(tmp_path):
+    from rankgrpo.rra.pipeline import item_texts
+
+    meta = tmp_path / "meta.tsv"
+    meta.write_text("title\tyear\tkeywords\tplot\nHeat\t1995\theist, LA\tA cop and a thief.\n"
+                    "Alien\t1979\t\tA crew meets a creature.\n")
+    items = [("Alien", 1979), ("Heat", 1995), ("Jaws", 1975)]
+    assert item_texts(items) == ["Alien (1979)", "Heat (1995)", "Jaws (1975)"]
+    assert item_texts(items, str(meta)) == [
+        "Alien (1979); plot: A crew meets a creature.",
+        "Heat (1995); keywords: heist, LA; plot: A cop and a thief.", "Jaws (1975)"]
+    assert item_texts(items, str(meta), ["keywords"])[1] == "Heat (1995); keywords: heist, LA"
+    with pytest.raises(RRAError, match="'genre' is not a column"):
+        item_texts(items, str(meta), ["genre"])
