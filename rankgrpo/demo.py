@@ -179,6 +179,15 @@ def stage2_runs(cfg, compare: bool, segment_modes: list[str] | None) -> list[tup
     return out
 
 
+class DemoInterrupted(Exception):
+    """A training stage stopped by Ctrl-C: the demo stops too (no partial table)."""
+
+
+def _stop_if_interrupted(res, what: str) -> None:
+    if getattr(res, "interrupted", False):
+        raise DemoInterrupted(f"{what} stopped by Ctrl-C after step {res.step}")
+
+
 def _signal(history: list[dict]) -> dict[str, float]:
     """Run means of SIGNAL_KEYS over the logged steps (keys looked up by suffix)."""
     out = {}
@@ -250,6 +259,7 @@ def run_synthetic(seed: int, cfg, out: Path, *, compare: bool, quick: bool, log,
                                                    seed=seed),
                     catalog=catalog, num_ranks=n, eval_records=world.heldout,
                     eval_config=cfg.eval)
+    _stop_if_interrupted(sft, "SFT")
     results["sft"] = _pick(sft.eval_history[-1])
     diagnostics = {"sft": _diag(sft.eval_history[-1])}
     curves: dict[str, list] = {"sft": _curve(sft.eval_history[-1:])}
@@ -266,6 +276,7 @@ def run_synthetic(seed: int, cfg, out: Path, *, compare: bool, quick: bool, log,
         t_run = time.perf_counter()
         res = grpo_train(policy, tok, world.train, catalog, gcfg, num_ranks=n,
                          eval_records=world.heldout, eval_config=cfg.eval)
+        _stop_if_interrupted(res, name)
         results[name] = _pick(res.eval_history[-1])
         diagnostics[name] = _diag(res.eval_history[-1])
         start = [[0.0, results["sft"]["ndcg@10"]]]
@@ -645,8 +656,13 @@ def main(argv: list[str] | None = None) -> int:
     for world in worlds:
         runs = by_world.setdefault(world, [])
         for s in range(args.seed, args.seed + args.seeds):
-            runs.append(run_synthetic(s, cfg, out, compare=args.compare, quick=args.quick,
-                                      log=log, world_name=world, segment_modes=modes))
+            try:
+                runs.append(run_synthetic(s, cfg, out, compare=args.compare, quick=args.quick,
+                                          log=log, world_name=world, segment_modes=modes))
+            except DemoInterrupted as e:
+                print(f"rankgrpo demo: {e}; stopping (checkpoints are under {out})",
+                      file=sys.stderr)
+                return 130
             m = runs[-1]["metrics"]
             log(f"\nSYNTHETIC world {world!r}, seed {s}, held-out "
                 f"({runs[-1]['world']['heldout_records']} conversations):\n"
