@@ -14,7 +14,7 @@ from _trainer_world import (
     world_fixture,
 )
 
-from rankgrpo.config import GRPOConfig
+from rankgrpo.config import ConfigError, GRPOConfig, validate_section
 from rankgrpo.model import last_hidden_states, lm_head_params
 from rankgrpo.rewards import reward_matrix
 from rankgrpo.rl_step import (
@@ -27,8 +27,10 @@ from rankgrpo.rl_step import (
 from rankgrpo.rollout import RolloutOutput, completion_mask, decode_completions, left_pad
 from rankgrpo.tokens import newline_counts
 from rankgrpo_kernels import (
+    AGGREGATIONS,
     BACKENDS,
     LEVELS,
+    LOSS_TYPE_TABLE,
     LOSS_TYPES,
     eos_mask_from_ids,
     fused_linear_rank_grpo_loss,
@@ -141,8 +143,29 @@ def test_eos_gets_zero_advantage_in_both_paths(world, model, backend):
     assert float(loss.detach()) == pytest.approx(-float(expected.mean()), rel=1e-6)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("level", LEVELS)
+# Every aggregation (its own denominator) at every level; the loss types that differ from
+# their aggregation in the surrogate only, once each (at the rank level).
+QUICKSTART_CASES = [(lt, level) for lt in AGGREGATIONS for level in LEVELS] + [
+    (lt, "rank") for lt in LOSS_TYPES if lt not in AGGREGATIONS]
+
+
+def test_config_accepts_every_loss_type_of_the_kernel():
+    for lt in LOSS_TYPES:
+        validate_section("grpo", trainer_config(loss_type=lt))
+    with pytest.raises(ConfigError, match="grpo.loss_type") as e:
+        validate_section("grpo", trainer_config(loss_type="sum"))
+    assert all(repr(lt) in str(e.value) for lt in LOSS_TYPES)  # the choices are listed
+    # the native op library implements the clip surrogate only: refused before any compute
+    for lt, (_, surrogate) in LOSS_TYPE_TABLE.items():
+        cfg = trainer_config(loss_type=lt, kernel_backend="native")
+        if surrogate == "clip":
+            validate_section("grpo", cfg)
+        else:
+            with pytest.raises(ConfigError, match="kernel_backend=native"):
+                validate_section("grpo", cfg)
+
+
+@pytest.mark.parametrize("loss_type,level", QUICKSTART_CASES)
 def test_quickstart_path_equals_trainer_path(world, model, loss_type, level):
     """Scripted completions of 3 prompts x G = 4 (ragged, truncated, overflowing lists):
     rewards -> group advantages -> the trainer's batch and micro-batched loss, against the
