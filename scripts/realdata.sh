@@ -94,6 +94,25 @@ texts = [format_completion(pop(r, n)) for r in test]
 print(json.dumps(evaluate(test, texts, catalog, [5, 10, 20], num_ranks=n), indent=1))
 PYEOF
       ;;
+    configs)  # the merged configuration of every command, as the trainer sees it
+      mkdir -p "$OUT/configs"
+      "$PY" -m rankgrpo.cli sft --config smollm2-135m-instruct "${common[@]}" data.eval_file=null \
+        "sft.output_dir=$OUT/sft" "sft.max_steps=$SFT_STEPS" \
+        "sft.per_device_train_batch_size=$SFT_BATCH" sft.gradient_accumulation_steps=1 \
+        "sft.learning_rate=$SFT_LR" sft.save_steps=0 sft.logging_steps=1 sft.max_length=1024 \
+        sft.long_prompts=skip "sft.seed=$SEED" --print-config > "$OUT/configs/sft.yaml"
+      "$PY" -m rankgrpo.cli train --config smollm2-135m-instruct --config algo-grpo \
+        "${common[@]}" "${grpo_common[@]}" "grpo.output_dir=$OUT/grpo" --print-config \
+        > "$OUT/configs/grpo.yaml"
+      "$PY" -m rankgrpo.cli train --config smollm2-135m-instruct "${common[@]}" \
+        "${grpo_common[@]}" grpo.reward_kind=exp_inf "grpo.output_dir=$OUT/rank-grpo-exp_inf" \
+        --print-config > "$OUT/configs/rank-grpo-exp_inf.yaml"
+      "$PY" -m rankgrpo.cli train --config smollm2-135m-instruct --config algo-rank-grpo-log \
+        "${common[@]}" "${grpo_common[@]}" "grpo.output_dir=$OUT/rank-grpo-log" \
+        --print-config > "$OUT/configs/rank-grpo-log.yaml"
+      "$PY" -m rankgrpo.cli eval --config smollm2-135m-instruct --model "$OUT/sft/final" \
+        "${common[@]}" --print-config > "$OUT/configs/eval.yaml"
+      ls "$OUT/configs" ;;
     rescore)  # score saved generations (FILE=..._generations.jsonl) on the current test.jsonl
       run_stage "rescore-$(basename "$FILE" .jsonl)" "$PY" - "$OUT/data" "$N_RANKS" "$FILE" <<'PYEOF'
 import json, sys
