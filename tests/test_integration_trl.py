@@ -205,6 +205,135 @@ def test_option_parity(batch_trainer, name, value):
         _set(tr, "token", "dapo", 0.05, None)
 
 
+def _trl_is_ratio(old, sampling, mask, mode, clip_min, clip_max):
+    """TRL 1.16's importance_sampling_ratio as _generate_and_score_completions builds it from
+    vLLM's sampler log-probs (written out here, independent of the kernel's own)."""
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    r = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(r, min=clip_min, max=clip_max)
+    lo = -math.inf if clip_min is None else clip_min
+    hi = math.inf if clip_max is None else clip_max
+    return r.masked_fill((r < lo) | (r > hi), 0.0)
+
+
+# every mode once; vespo takes the weights into its gamma weight (token modes only)
+IS_CASES = [("token", "dapo", "token_truncate"), ("token", "bnpo", "sequence_truncate"),
+            ("sequence", "grpo", "sequence_mask"), ("token", "vespo", "token_mask")]
+
+
+@pytest.mark.parametrize("level,loss_type,mode", IS_CASES)
+def test_vllm_importance_sampling_parity(batch_trainer, level, loss_type, mode):
+    """vLLM's truncated / masked IS correction: a batch carrying the sampler's log-probs and
+    TRL's importance_sampling_ratio (as TRL builds them with use_vllm=True), TRL's loss,
+    gradient and metrics against ours; the correction must change TRL's loss (not vacuous)."""
+    tr, inputs = batch_trainer
+    g = torch.Generator().manual_seed(3)
+    old = inputs["old_per_token_logps"]
+    sampling = old + 0.1 * torch.randn(old.shape, generator=g)
+    sampling[0, 1] = float("nan")  # a token vLLM gave no log-prob for: ratio 1
+    mask = inputs["completion_mask"].float()
+    clip_min, clip_max = (0.93, 1.08) if mode.startswith("token") else (0.85, 1.05)
+    ratio = _trl_is_ratio(old, sampling, mask, mode, clip_min, clip_max)
+    m = mask.bool()
+    r = ratio.expand_as(m)[m]
+    assert bool((r != 1).any()), "no token's weight moved: the case would not test anything"
+    if mode.endswith("truncate"):
+        assert bool(((r == clip_min) | (r == clip_max)).any()), "no weight truncated"
+    else:
+        assert bool((r == 0).any()), "no weight masked"
+    batch = dict(inputs, sampling_per_token_logps=sampling, importance_sampling_ratio=ratio)
+    names = ("use_vllm", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+             "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max")
+    saved = [(o, n, getattr(o, n)) for o in (tr, tr.args) for n in names if hasattr(o, n)]
+    try:
+        _set(tr, level, loss_type, 0.05, None)
+        plain = trl.GRPOTrainer._compute_loss(tr, tr.model, inputs).detach()
+        for obj in (tr, tr.args):
+            obj.use_vllm, obj.vllm_importance_sampling_correction = True, True
+            obj.vllm_importance_sampling_mode = mode
+            obj.vllm_importance_sampling_clip_min = clip_min
+            obj.vllm_importance_sampling_clip_max = clip_max
+        _set(tr, level, loss_type, 0.05, None)  # the option table accepts the config now
+        _compare(tr, batch, f"{level} {loss_type} vllm IS {mode} [{clip_min}, {clip_max}]")
+        corrected = trl.GRPOTrainer._compute_loss(tr, tr.model, batch).detach()
+        assert abs(float(corrected - plain)) > 1e-6, (plain, corrected)
+    finally:
+        for o, n, v in saved:
+            setattr(o, n, v)
+        _set(tr, "token", "dapo", 0.05, None)
+
+
+def test_adaptive_entropy_controller_parity(batch_trainer):
+    """use_adaptive_entropy over three optimizer steps of two micro-batches each (different
+    token counts, so the window sums matter), driven through accelerate's sync_gradients as
+    TRL's training loop does: TRL's and our loss, gradient, logged entropy_coef and controller
+    state after each step. The target is moved before step 3 so that the coefficient is
+    raised (steps 1-2), applied (step 2) and withheld and lowered (step 3)."""
+    tr, inputs = batch_trainer
+    short = dict(inputs, completion_mask=inputs["completion_mask"].clone())
+    short["completion_mask"][:, 4:] = 0
+    micro = [inputs, short]
+    names = ("use_adaptive_entropy", "entropy_target", "entropy_coef_delta", "entropy_coef_max",
+             "entropy_coef_min")
+    saved = [(tr.args, n, getattr(tr.args, n)) for n in names]
+    saved.append((tr, "use_adaptive_entropy", tr.use_adaptive_entropy))
+    gs = tr.accelerator.gradient_state
+
+    def run(fn):
+        tr.entropy_coef, tr._last_world_entropy = 0.02, float("inf")
+        tr._entropy_window_stats = None
+        tr.args.entropy_target = 100.0
+        out = []
+        for step in range(3):
+            if step == 2:
+                tr.args.entropy_target = 0.0
+            for k, x in enumerate(micro):
+                gs._set_sync_gradients(k == len(micro) - 1)
+                loss, grads, metrics = _loss_and_grad(fn, tr, x)
+                out.append((loss, grads, metrics, tr.entropy_coef, tr._last_world_entropy))
+        return out
+
+    try:
+        _set(tr, "token", "dapo", 0.05, None, entropy_coef=0.02)
+        tr.use_adaptive_entropy = tr.args.use_adaptive_entropy = True
+        tr._entropy_bonus_enabled = True
+        tr.args.entropy_coef_delta, tr.args.entropy_coef_max = 0.05, 1.0
+        tr.args.entropy_coef_min = 0.0
+        _set(tr, "token", "dapo", 0.05, None, entropy_coef=0.02)
+        tr._entropy_bonus_enabled = True
+        theirs = run(lambda m, x: trl.GRPOTrainer._compute_loss(tr, m, x))
+        ours = run(tr._compute_loss)
+    finally:
+        gs._set_sync_gradients(True)
+        for o, n, v in saved:
+            setattr(o, n, v)
+        _set(tr, "token", "dapo", 0.05, None)
+    coefs = [t[3] for t in theirs[1::2]]
+    assert coefs == pytest.approx([0.07, 0.12, 0.07]), coefs  # up, up, down
+    applied = []
+    for i, ((lt, gt, mt, ct, et), (lo, go, mo, co, eo)) in enumerate(zip(theirs, ours)):
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in gt.values()))
+        gerr = max(float((gt[k] - go[k]).abs().max()) for k in gt) / float(norm)
+        print(f"ADAPTIVE step {i // 2 + 1} micro {i % 2 + 1}: loss {float(lt):.8g} vs "
+              f"{float(lo):.8g}, max |dgrad| / |grad| {gerr:.2e}, entropy_coef {ct:.3g} vs "
+              f"{co:.3g}, last world entropy {et:.6g} vs {eo:.6g}")
+        assert abs(float(lt - lo)) <= 1e-5 * max(1.0, abs(float(lt)))
+        assert gerr <= 1e-5
+        assert ct == co
+        assert (math.isinf(et) and math.isinf(eo)) or math.isclose(et, eo, rel_tol=1e-5)
+        assert mt.keys() <= mo.keys()
+        for k, v in mt.items():
+            assert math.isclose(v, mo[k], rel_tol=1e-4, abs_tol=1e-5), (k, v, mo[k])
+        # dapo's policy_loss is the loss before the bonus (TRL divides it by nothing else)
+        applied.append(float(lt) - mt["policy_loss"])
+    # step 2 applied the bonus (loss below the policy loss), steps 1 and 3 did not
+    assert all(a < -1e-6 for a in applied[2:4]), applied
+    assert all(abs(a) < 1e-7 for a in applied[:2] + applied[4:]), applied
+
+
 @pytest.mark.parametrize("name", sorted(ACTIVATE))
 def test_refused_options_name_themselves(name, tmp_path):
     row = next(o for o in TRL_OPTIONS if o.name == name)
@@ -251,6 +380,30 @@ def test_default_grpo_config_trains_like_trl(world, tmp_path):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4, abs_tol=1e-6)
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
         assert math.isclose(a["entropy"], b["entropy"], rel_tol=1e-4)
+
+
+def test_peft_lora_trains_like_trl(world, tmp_path):
+    """PEFT (LoRA on the attention projections; TRL refuses lm_head itself): trl.GRPOTrainer
+    and RankGRPOTrainer from the same seed and data log the same loss and gradient norm."""
+    peft = pytest.importorskip("peft")
+    path, tok = world
+    ds = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    logs = []
+    for cls in (trl.GRPOTrainer, RankGRPOTrainer):
+        cfg = _config(trl.GRPOConfig, tmp_path / cls.__name__, max_steps=1,
+                      per_device_train_batch_size=2, learning_rate=1e-3, beta=0.05)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                               task_type="CAUSAL_LM", init_lora_weights=False)
+        tr = cls(model=path, reward_funcs=_length_reward, args=cfg, train_dataset=ds,
+                 processing_class=tok, peft_config=lora)
+        tr.train()
+        logs.append([h for h in tr.state.log_history if "loss" in h])
+    for a, b in zip(*logs):
+        print(f"PEFT step {a['step']}: loss {a['loss']:.8g} vs {b['loss']:.8g}, grad_norm "
+              f"{a['grad_norm']:.8g} vs {b['grad_norm']:.8g}")
+        assert a["grad_norm"] > 0
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
 
 
 def _rank_dataset():

@@ -2,7 +2,8 @@
 
 verl is installed with --no-deps plus what core_algos imports (scripts/dev.sh test). The
 registered token / sequence losses must equal verl's "vanilla" (dual clip included) and
-"gspo" for every loss_agg_mode, with and without the global-batch normalisation, to 1e-9;
+"gspo" for every loss_agg_mode, with and without the global-batch normalisation, to 1e-9,
+also with verl's rollout_is_weights; the registered geo_mean must equal verl's "geo_mean";
 the rank loss must equal the kernel's float64 reference.
 """
 
@@ -15,7 +16,6 @@ import torch
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 actor_cfg = pytest.importorskip("verl.workers.config.actor")
 
-from rankgrpo.integrations import UnsupportedOptionError  # noqa: E402
 from rankgrpo.integrations import verl as rv  # noqa: E402
 from rankgrpo_kernels import group_advantages, rank_grpo_loss  # noqa: E402
 
@@ -114,11 +114,71 @@ def test_rank_loss_without_segments_names_the_gap(rng):
                                                        _config(False))
 
 
-def test_refused_options_name_themselves(rng):
-    logp, old, adv, mask = _batch(rng)
-    fn = core_algos.get_policy_loss_fn("rankgrpo_token")
-    with pytest.raises(UnsupportedOptionError, match="rollout_is_weights"):
-        fn(old, logp, adv, mask, "token-mean", _config(False), torch.ones_like(logp))
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("ours,theirs,per_row", [("rankgrpo_token", "vanilla", False),
+                                                 ("rankgrpo_sequence", "gspo", False),
+                                                 ("rankgrpo_geo_mean", "geo_mean", False)])
+def test_rollout_is_weights_match_verl(rng, ours, theirs, per_row, mode):
+    """verl's rollout_is_weights (per-token weights from the rollout correction, some 0 as
+    its masked modes give) with per-token advantages: verl's loss and gradient to 1e-9."""
+    cfg = _config(True)
+    logp, old, adv, mask = _batch(rng, per_row_adv=per_row)
+    isw = torch.where(mask, 0.5 + torch.rand(logp.shape, generator=rng, dtype=torch.float64), 0)
+    isw[2, 0] = 0.0
+    lv, gv, mv = _run(core_algos.get_policy_loss_fn(theirs), logp, old, adv, mask, mode, cfg,
+                      rollout_is_weights=isw)
+    lo, go, mo = _run(core_algos.get_policy_loss_fn(ours), logp, old, adv, mask, mode, cfg,
+                      rollout_is_weights=isw)
+    l0, _, _ = _run(core_algos.get_policy_loss_fn(theirs), logp, old, adv, mask, mode, cfg)
+    lerr, gerr = abs(float(lv - lo)), float((gv - go).abs().max())
+    print(f"VERL-IS {ours} vs {theirs} {mode}: loss {float(lv):.6g} abs err {lerr:.2e}, grad "
+          f"max abs err {gerr:.2e} (max |grad| {float(gv.abs().max()):.3g})")
+    assert abs(float(lv - l0)) > 1e-6  # the weights changed verl's loss
+    assert lerr <= 1e-9 * max(1.0, abs(float(lv)))
+    assert gerr <= 1e-9 * max(1.0, float(gv.abs().max()))
+    for k, v in mv.items():
+        assert abs(v - mo[k]) <= 1e-6, (k, v, mo[k])
+
+
+@pytest.mark.parametrize("global_info", [False, True])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_geo_mean_matches_verl(rng, per_row, mode, global_info):
+    """rankgrpo_geo_mean against verl's geo_mean (GMPO), float64, an empty response in the
+    batch: verl ignores loss_agg_mode and global_batch_info (a mean over the micro-batch's
+    responses), and so does ours; token log-ratios wide enough that both clip sides act."""
+    cfg = _config(global_info)
+    logp, old, adv, mask = _batch(rng, per_row_adv=per_row)
+    lv, gv, mv = _run(core_algos.get_policy_loss_fn("geo_mean"), logp, old, adv, mask, mode,
+                      cfg)
+    lo, go, mo = _run(core_algos.get_policy_loss_fn("rankgrpo_geo_mean"), logp, old, adv, mask,
+                      mode, cfg)
+    lerr, gerr = abs(float(lv - lo)), float((gv - go).abs().max())
+    print(f"VERL rankgrpo_geo_mean vs geo_mean {mode} global={global_info} per_row={per_row}: "
+          f"loss {float(lv):.6g} abs err {lerr:.2e}, grad max abs err {gerr:.2e} (max |grad| "
+          f"{float(gv.abs().max()):.3g})")
+    assert lerr <= 1e-9 * max(1.0, abs(float(lv)))
+    assert gerr <= 1e-9 * max(1.0, float(gv.abs().max()))
+    assert mv["actor/pg_clipfrac"] > 0 and mv["actor/pg_clipfrac_lower"] > 0
+    for k, v in mv.items():
+        assert abs(v - mo[k]) <= 1e-6, (k, v, mo[k])
+
+
+def test_rank_loss_with_rollout_is_weights_matches_reference(rng):
+    b, t, n = 6, 16, 3
+    logp, old, adv_tok, mask = _batch(rng, b, t)
+    seg = torch.where(mask, (torch.arange(t) // 5).clamp(max=n).expand(b, t), -1)
+    isw = torch.where(mask, 0.5 + torch.rand(logp.shape, generator=rng, dtype=torch.float64), 0)
+    with rv.rank_segments(seg):
+        lo, go, _ = _run(core_algos.get_policy_loss_fn("rankgrpo_rank"), logp, old, adv_tok,
+                         mask, "token-mean", _config(False), rollout_is_weights=isw)
+    lp = logp.clone().requires_grad_(True)
+    ref, _ = rank_grpo_loss(lp, old, adv_tok, seg, mask, epsilon_low=0.2, epsilon_high=0.28,
+                            level="rank", loss_type="bnpo", advantages_per="token",
+                            importance_weights=isw, backend="reference")
+    ref.backward()
+    assert abs(float(lo - ref)) <= 1e-12 * max(1.0, abs(float(ref)))
+    assert torch.allclose(go, lp.grad, rtol=0, atol=1e-12)
 
 
 def test_dual_clip_below_the_upper_clip_and_log_ratio_clamp(rng):

@@ -121,18 +121,16 @@ TRL_OPTIONS: tuple[Option, ...] = (
     Option("entropy_coef", "entropy bonus -coef * mean entropy (not scaled by the loss "
            "type's normaliser; divided by the accumulation steps)",
            "entropy_coef / accumulation steps (+ the fused pass's entropy)"),
-    Option("use_adaptive_entropy", "adaptive entropy bonus (Skywork-OR1)",
-           unsupported="TRL's adaptive controller (a window of entropy sums across "
-                       "micro-batches and processes) is not reproduced here yet; use "
-                       "use_adaptive_entropy=False (a fixed entropy_coef works)",
-           active=lambda a: bool(getattr(a, "use_adaptive_entropy", False))),
-    Option("vllm_importance_sampling_correction", "truncated / masked IS from vLLM's sampler "
-           "log-probs (modes token_truncate, token_mask, sequence_truncate, sequence_mask)",
-           unsupported="the kernel has importance_sampling_mode, but the vLLM path is not wired "
-                       "and cannot be tested on CPU here; set "
-                       "vllm_importance_sampling_correction=False with use_vllm=True",
-           active=lambda a: bool(getattr(a, "use_vllm", False))
-           and bool(getattr(a, "vllm_importance_sampling_correction", False))),
+    Option("use_adaptive_entropy", "adaptive entropy bonus (Skywork-OR1; entropy_target, "
+           "entropy_coef_min / _max / _delta): the previous optimizer step's coefficient, "
+           "applied while the measured entropy is <= entropy_target",
+           "entropy_coef per call from TRL's controller state (entropy sums over the "
+           "accumulation window, reduced across processes at sync_gradients)"),
+    Option("vllm_importance_sampling_correction", "truncated / masked IS from vLLM's "
+           "sampler log-probs (vllm_importance_sampling_mode token_truncate, token_mask, "
+           "sequence_truncate, sequence_mask; _clip_min / _clip_max)",
+           "importance_weights = inputs['importance_sampling_ratio'] (TRL computes it; vespo "
+           "folds it into its gamma weight instead)"),
     Option("sapo_temperature_pos / sapo_temperature_neg", "sapo's gate temperatures",
            "sapo_temperature_pos / sapo_temperature_neg"),
     Option("vespo_k_pos / vespo_lambda_pos / vespo_k_neg / vespo_lambda_neg",
@@ -454,8 +452,23 @@ class RankGRPOTrainer(trl.GRPOTrainer):
         train = self.model.training
         normalizer = self._normalizer(route, mask, seg, inputs, train)
         ga = self.current_gradient_accumulation_steps if train else 1
-        # TRL's bonus is the plain mean entropy, divided only by the accumulation steps.
-        entropy_coef = float(args.entropy_coef) / ga
+        # TRL's bonus is the plain mean entropy, divided only by the accumulation steps. With
+        # the adaptive controller, every micro-batch of a window applies the coefficient of the
+        # previous optimizer step, and only while the entropy measured then was <= the target.
+        coef = float(self.entropy_coef)
+        if self.use_adaptive_entropy and self._last_world_entropy > args.entropy_target:
+            coef = 0.0
+        entropy_coef = coef / ga
+        # vLLM's truncated / masked importance weights, computed by TRL when it generated the
+        # batch ([B, T] for token_* modes, [B, 1] for sequence_*). TRL's vespo reads them
+        # whenever the batch has them and folds them into its gamma weight (the kernel does the
+        # same with importance_weights); the other loss types multiply the policy term by them.
+        is_ratio = inputs.get("importance_sampling_ratio")
+        if route.kernel_loss_type != "vespo" and not (
+                self.use_vllm and self.vllm_importance_sampling_correction):
+            is_ratio = None
+        if is_ratio is not None and is_ratio.dim() == 2 and is_ratio.shape[1] == 1:
+            is_ratio = is_ratio.squeeze(1)  # per row: the kernel takes [B]
         loss, _ = rank_grpo_loss(
             logp, old, adv, seg, mask, ref_logp=ref, beta=self.beta,
             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, delta=args.delta,
@@ -470,32 +483,52 @@ class RankGRPOTrainer(trl.GRPOTrainer):
             sampling_logp=inputs.get("sampling_per_token_logps"),
             off_policy_mask_threshold=args.off_policy_mask_threshold,
             top_entropy_quantile=args.top_entropy_quantile, entropy_coef=entropy_coef,
-            backend=backend, validate=validate)
-        if entropy_coef != 0.0:
-            self._log_entropy_bonus(loss, entropy, mask, entropy_coef, ga, route, train)
+            importance_weights=is_ratio, backend=backend, validate=validate)
+        if self._entropy_bonus_enabled:
+            self._entropy_bonus_bookkeeping(loss, entropy, mask, entropy_coef, ga, route, train)
         self._log_trl_metrics(logp.detach(), old, ref, adv, seg, mask, entropy, level,
-                              "train" if train else "eval")
+                              "train" if train else "eval", is_ratio)
         return loss
 
-    def _log_entropy_bonus(self, loss, entropy, mask, coef, ga, route, train):
-        """TRL's policy_loss (the loss before the bonus, per optimizer step for the loss types
-        TRL divides by the accumulation steps) and entropy_coef metrics."""
+    def _entropy_bonus_bookkeeping(self, loss, entropy, mask, coef, ga, route, train):
+        """TRL's policy_loss metric (the loss before the bonus, per optimizer step for the loss
+        types TRL divides by the accumulation steps), the adaptive entropy controller's update
+        (TRL's rule and state: `entropy_coef`, `_last_world_entropy`, the window sums
+        `_entropy_window_stats`, which TRL's checkpoint hooks also save) and `entropy_coef`."""
         with torch.no_grad():
             eff = mask
             if self.args.top_entropy_quantile < 1.0:
                 eff = self.get_high_entropy_mask(entropy, mask, 1 - self.args.top_entropy_quantile)
             e = eff.to(entropy.dtype)
-            bonus = (entropy * e).sum() / e.sum().clamp(min=1.0)
+            ent_sum, ent_count = (entropy * e).sum(), e.sum()
+            bonus = ent_sum / ent_count.clamp(min=1.0)
             policy = loss.detach() + coef * bonus.to(loss.dtype)
             if route.denominator != "global_tokens":
                 policy = policy * ga
         mode = "train" if train else "eval"
         self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy).nanmean().item())
+        if self.use_adaptive_entropy and train:
+            stats = torch.stack([ent_sum, ent_count]).detach()
+            win = self._entropy_window_stats
+            self._entropy_window_stats = stats if win is None else win + stats
+            if self.accelerator.sync_gradients:
+                tot = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world = (tot[0] / tot[1].clamp(min=1.0)).item()
+                a = self.args
+                if world <= a.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta,
+                                            a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta,
+                                            a.entropy_coef_min)
+                self._last_world_entropy = world
+                self._entropy_window_stats = None
         if train and self.accelerator.sync_gradients:
-            self._metrics[mode]["entropy_coef"].append(self.args.entropy_coef)
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     # ---- TRL's metric names ----------------------------------------------------------------
-    def _log_trl_metrics(self, logp, old, ref, adv, seg, mask, entropy, level, mode):
+    def _log_trl_metrics(self, logp, old, ref, adv, seg, mask, entropy, level, mode,
+                         is_ratio=None):
         m = mask.to(logp.dtype)
         lr = torch.where(mask, logp - old.to(logp.dtype), 0)
         if level == "token":
@@ -538,7 +571,7 @@ class RankGRPOTrainer(trl.GRPOTrainer):
         if self.loss_type == "vespo":
             phi = self.get_gamma_weights(
                 advantages=a[:, :1] if level != "rank" else a, log_ratio_per_token=lr,
-                mask=m, importance_sampling_ratio=None, k_pos=self.args.vespo_k_pos,
+                mask=m, importance_sampling_ratio=is_ratio, k_pos=self.args.vespo_k_pos,
                 lambda_pos=self.args.vespo_lambda_pos, k_neg=self.args.vespo_k_neg,
                 lambda_neg=self.args.vespo_lambda_neg)
             metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi))

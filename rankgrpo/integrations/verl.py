@@ -8,11 +8,15 @@ Importing this module registers three policy losses, picked in a verl config by
   `clip_ratio_c` and the log-ratio clamp included);
 - "rankgrpo_sequence": sequence-level ratio (GSPO; equals verl's "gspo" whenever the
   advantage is constant along a response, as verl's GRPO / RLOO estimators give);
-- "rankgrpo_rank": Rank-GRPO, one ratio per (response, rank) segment.
+- "rankgrpo_rank": Rank-GRPO, one ratio per (response, rank) segment;
+- "rankgrpo_geo_mean": GMPO (equals verl's "geo_mean": the per-response geometric mean of
+  the token ratios, each token's log-ratio clipped in log space by the sign of its advantage).
 
 They take verl's arguments (old_log_prob, log_prob, advantages, response_mask,
 loss_agg_mode, config, rollout_is_weights), honour every `loss_agg_mode` with verl's
-global-batch normalisation (`config.global_batch_info`), and return verl's metric names.
+global-batch normalisation (`config.global_batch_info`; "rankgrpo_geo_mean" ignores both, as
+verl's geo_mean does), apply `rollout_is_weights` (the kernel's `importance_weights`), and
+return verl's metric names.
 The log-probs come from verl's actor (its own logits path); the loss stage is
 `rankgrpo_kernels.rank_grpo_loss`. Every refused option raises UnsupportedOptionError naming it.
 
@@ -40,7 +44,7 @@ from rankgrpo_kernels import (
     token_advantages,
 )
 
-from ._support import Option, UnsupportedOptionError, check_all
+from ._support import Option, check_all
 
 __all__ = [
     "LOSS_NAMES",
@@ -54,7 +58,7 @@ __all__ = [
 ]
 
 LOSS_NAMES = {"rankgrpo_token": "token", "rankgrpo_sequence": "sequence",
-              "rankgrpo_rank": "rank"}
+              "rankgrpo_rank": "rank", "rankgrpo_geo_mean": "geo_mean"}
 
 # verl's agg_loss modes -> (kernel loss_type, denominator rule). D is the global denominator
 # verl divides by, times 1 / dp_size (DDP/FSDP average the gradients over dp ranks).
@@ -84,7 +88,7 @@ def _pl(cfg: Any, key: str, default: Any = None) -> Any:
 
 VERL_OPTIONS: tuple[Option, ...] = (
     Option("policy_loss.loss_mode", "registered loss name",
-           "rankgrpo_token / rankgrpo_sequence / rankgrpo_rank"),
+           "rankgrpo_token / rankgrpo_sequence / rankgrpo_rank / rankgrpo_geo_mean"),
     Option("clip_ratio / clip_ratio_low / clip_ratio_high", "PPO clip range", "epsilon_low / "
            "epsilon_high (low and high fall back to clip_ratio)"),
     Option("clip_ratio_c", "dual-clip bound for negative advantages (token level, vanilla)",
@@ -96,17 +100,17 @@ VERL_OPTIONS: tuple[Option, ...] = (
     Option("loss_scale_factor", "seq-mean-token-sum-norm's constant (default T)", "normalizer"),
     Option("rollout_is_weights (policy_loss.rollout_correction)",
            "per-token importance weights from the rollout engine's log-probs",
-           unsupported="per-token IS weights are not in the kernel yet; disable "
-                       "actor.policy_loss.rollout_correction",
-           active=lambda c: bool(_get(c, "_rollout_is_weights", False))),
+           "importance_weights (geo_mean: the per-response geometric mean of them, as verl)"),
     Option("use_kl_loss / kl_loss_coef / kl_loss_type",
            "KL loss; verl adds it OUTSIDE the policy loss (workers/utils/losses.py)",
            "unchanged: verl's own kl_penalty (k1, k2/mse, abs, k3/low_var_kl, '+' variants) "
            "still applies on top of our policy loss"),
     Option("entropy_coeff", "entropy bonus; verl adds it outside the policy loss",
            "unchanged: verl's own"),
-    Option("policy_loss.loss_mode=geo_mean (GMPO)", "geometric-mean ratio with log-space clip",
-           unsupported="not a rankgrpo loss; keep verl's own geo_mean", raises=False),
+    Option("policy_loss.loss_mode=geo_mean (GMPO)", "geometric-mean ratio with log-space clip "
+           "(loss_agg_mode and global_batch_info unused: mean over the micro-batch's responses)",
+           "rankgrpo_geo_mean: surrogate='geo_mean', level='sequence', loss_type='grpo', "
+           "normalizer = responses"),
     Option("policy_loss.loss_mode=sapo / cispo / gpg / clip_cov / kl_cov / dro / dppo_* / "
            "bypass_mode", "verl's other losses",
            unsupported="no rankgrpo equivalent yet; keep verl's own loss_mode", raises=False),
@@ -175,18 +179,20 @@ def policy_loss(level: str, old_log_prob: torch.Tensor, log_prob: torch.Tensor,
                 backend: str = "auto") -> tuple[torch.Tensor, dict[str, float]]:
     """verl's policy-loss contract on rankgrpo_kernels.rank_grpo_loss.
 
-    Args: as verl's registered losses (all [B, T]; advantages per token), plus level
-    ("token", "sequence", "rank") and, for "rank", segment_ids [B, T] (else taken from
-    `rank_segments`). Returns (loss, {"actor/pg_clipfrac", "actor/ppo_kl",
-    "actor/pg_clipfrac_lower"}).
+    Args: as verl's registered losses (all [B, T]; advantages per token; rollout_is_weights
+    [B, T] or None), plus level ("token", "sequence", "rank", "geo_mean") and, for "rank",
+    segment_ids [B, T] (else taken from `rank_segments`). Returns (loss, {"actor/pg_clipfrac",
+    "actor/ppo_kl", "actor/pg_clipfrac_lower"}).
+
+    "sequence" uses the kernel's ratio_gradient="token" (verl's gspo differentiates each
+    token's term through its own log-prob: the same gradient as the sequence mean when the
+    advantage and the weights are constant along a response, verl's otherwise).
     """
-    if rollout_is_weights is not None:
-        raise UnsupportedOptionError(
-            "rollout_is_weights (policy_loss.rollout_correction): per-token IS weights are not "
-            "in the kernel yet; disable actor.policy_loss.rollout_correction")
     if loss_agg_mode not in VERL_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {tuple(VERL_AGG_MODES)}, got "
                          f"{loss_agg_mode!r}")
+    if level not in LOSS_NAMES.values():
+        raise ValueError(f"level must be one of {tuple(LOSS_NAMES.values())}, got {level!r}")
     check_all(VERL_OPTIONS, config)
     clip = _get(config, "clip_ratio", 0.2)
     low = _get(config, "clip_ratio_low", None)
@@ -219,15 +225,38 @@ def policy_loss(level: str, old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     if "loss_scale_factor" not in info and _get(config, "loss_scale_factor") is not None:
         info["loss_scale_factor"] = _get(config, "loss_scale_factor")
     normalizer = _normalizer(loss_agg_mode, mask, info, config)
+    variant: dict[str, Any] = {}
+    kernel_level = level
+    isw = rollout_is_weights
+    if level == "sequence":
+        variant["ratio_gradient"] = "token"
+    elif level == "geo_mean":
+        # verl's geo_mean: -mean_t(A) * exp(mean_t of the clipped log-ratios) per response,
+        # torch.mean over the micro-batch's responses (empty ones count, with loss 0), no
+        # loss_agg_mode or global normalisation; IS weights enter as their geometric mean.
+        kernel_level, kernel_loss = "sequence", "grpo"
+        variant["surrogate"] = "geo_mean"
+        normalizer = float(mask.shape[0])
+        if isw is not None:  # verl's expression, in the dtypes verl's mask gives it
+            rm = response_mask
+            isw = torch.exp((torch.log(isw + 1e-10) * rm).sum(-1) / (rm.sum(-1) + 1e-8))
     loss, _ = rank_grpo_loss(
         log_prob, old_log_prob, adv, seg, mask, epsilon_low=float(low),
-        epsilon_high=float(high), clip_ratio_c=dual, log_ratio_clamp=clamp, level=level,
-        loss_type=kernel_loss, normalizer=normalizer, advantages_per="token", backend=backend)
+        epsilon_high=float(high), clip_ratio_c=dual, log_ratio_clamp=clamp, level=kernel_level,
+        loss_type=kernel_loss, normalizer=normalizer, advantages_per="token",
+        importance_weights=isw, backend=backend, **variant)
     # verl's metric names and definitions (local means over the response mask).
     with torch.no_grad():
         lr = (log_prob - old_log_prob).detach()
         m = mask.to(lr.dtype)
         denom = m.sum().clamp(min=1)
+        if level == "geo_mean":
+            a = advantages.detach()
+            clipped = (lr != lr.clamp(-low, high)).to(lr.dtype)
+            return loss, {
+                "actor/pg_clipfrac": float((clipped * (a > 0) * m).sum() / denom),
+                "actor/ppo_kl": float((-lr * m).sum() / denom),
+                "actor/pg_clipfrac_lower": float((clipped * (a < 0) * m).sum() / denom)}
         if level == "token":
             w = torch.exp(lr)
         elif level == "sequence":
@@ -268,6 +297,7 @@ def _register(name: str, level: str):
 compute_policy_loss_rankgrpo_token = _register("rankgrpo_token", "token")
 compute_policy_loss_rankgrpo_sequence = _register("rankgrpo_sequence", "sequence")
 compute_policy_loss_rankgrpo_rank = _register("rankgrpo_rank", "rank")
+compute_policy_loss_rankgrpo_geo_mean = _register("rankgrpo_geo_mean", "geo_mean")
 
 
 def rank_grpo_advantages(rank_rewards: torch.Tensor, segment_ids: torch.Tensor,
