@@ -242,8 +242,9 @@ def call_through_wrapper(wrapped, inner, fn: Callable, *args, **kwargs):
     """Run `fn(*args, **kwargs)` as if it were `inner.forward`, called through the
     DDP/FSDP/DeepSpeed wrapper `wrapped`, so the wrapper's forward hooks run (DDP prepares
     its gradient all-reduce; FSDP unshards the root's parameters, the LM head among them).
+    FSDP2 shards in place (`wrapped is inner`): its root's forward hooks are run the same way.
     Without a wrapper it is a plain call."""
-    if wrapped is inner:
+    if wrapped is inner and not is_fsdp2_module(inner):
         return fn(*args, **kwargs)
     original = inner.forward
 
@@ -256,6 +257,15 @@ def call_through_wrapper(wrapped, inner, fn: Callable, *args, **kwargs):
         return wrapped()
     finally:
         inner.forward = original
+
+
+def is_fsdp2_module(module) -> bool:
+    """True for a module `torch.distributed.fsdp.fully_shard` (FSDP2) has sharded."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def is_zero3(accelerator) -> bool:

@@ -43,7 +43,13 @@ from .alignment import aligned_segment_ids
 from .backward import backward_micro_batches, world_of
 from .config import GRPOConfig
 from .metrics import aggregate_diagnostics, list_diagnostics
-from .model import call_through_wrapper, gathered_lm_head, last_hidden_states, lm_head_params
+from .model import (
+    call_through_wrapper,
+    gathered_lm_head,
+    is_fsdp2_module,
+    last_hidden_states,
+    lm_head_params,
+)
 from .rewards import relevance_matrix, rewards_from_relevance, sequence_dcg
 from .rollout import RolloutOutput
 
@@ -247,13 +253,18 @@ def sequence_logprobs(model, batch: RLBatch, *, micro_batch_size: int, temperatu
     inner = accelerator.unwrap_model(model) if accelerator is not None else model
     out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32,
                       device=batch.completion_ids.device)
+    # FSDP (1 or 2): the root unit's parameters are whole only inside its forward
+    through = is_fsdp2_module(inner) or type(model).__name__ == "FullyShardedDataParallel"
     for mb in micro_batches(batch, micro_batch_size):
-        with _autocast(accelerator), gathered_lm_head(inner, accelerator):
+        def logprobs(mb=mb):
             h = _hidden(inner, mb, compute_dtype)
             w, b = _head(inner, h.dtype)
             targets = batch.completion_ids[mb.rows, :mb.width]
-            lp = linear_logprobs(h, w, targets, bias=b, temperature=temperature,
-                                 backend=backend)
+            return linear_logprobs(h, w, targets, bias=b, temperature=temperature,
+                                   backend=backend)
+
+        with _autocast(accelerator), gathered_lm_head(inner, accelerator):
+            lp = call_through_wrapper(model, inner, logprobs) if through else logprobs()
         m = batch.completion_mask[mb.rows, :mb.width]
         out[mb.rows, :mb.width] = torch.where(m, lp.float(), 0.0).to(out.device)
     return out

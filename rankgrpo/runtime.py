@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -127,11 +128,55 @@ class TrainResult:
 
 def make_accelerator(cfg):
     """An Accelerator for this process (bf16 autocast when cfg.bf16). Under `accelerate
-    launch` its environment decides DDP / FSDP / DeepSpeed."""
+    launch` its environment decides DDP / FSDP / DeepSpeed.
+
+    FSDP without a GPU (CI's 2 gloo processes): accelerate 1.15 turns FSDP on only for
+    accelerator devices and silently makes a CPU run DDP, and torch's FSDP1 refuses CPU;
+    torch's FSDP2 (`fully_shard`) runs on gloo, so `fsdp_on_cpu` gives the CPU accelerator
+    the FSDP2 plugin the launch environment describes (rankgrpo/configs/accelerate-fsdp.yaml).
+    """
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
-                       cpu=not torch.cuda.is_available())
+    cpu = not torch.cuda.is_available()
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if cpu and fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        # checked before Accelerator(), whose FSDP1 plugin would fail with a device error
+        raise ConfigError(f"FSDP without a GPU needs fsdp_version: 2 (FSDP_VERSION="
+                          f"{os.environ.get('FSDP_VERSION', '1')}): torch's FSDP1 needs an "
+                          "accelerator device; see rankgrpo/configs/accelerate-fsdp.yaml")
+    acc = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=cpu)
+    if cpu and fsdp:
+        fsdp_on_cpu(acc)
+    return acc
+
+
+def fsdp_on_cpu(accelerator, plugin=None):
+    """Make a multi-process CPU `accelerator` an FSDP2 one (in place; returns it).
+
+    accelerate 1.15 only enables FSDP for accelerator devices (AcceleratorState keeps a
+    MULTI_CPU run DDP and drops the plugin), although FSDP2 itself runs on gloo. This sets
+    what it skipped, before anything is prepared: `state.fsdp_plugin`, `state.distributed_type`
+    and, as AcceleratorState.__init__ does for GPUs, PartialState's `distributed_type` (every
+    later AcceleratorState(), e.g. in accelerate's optimizer wrapper, copies it back).
+    `plugin`: a `FullyShardedDataParallelPlugin` with fsdp_version=2, default: the one the
+    FSDP_* environment variables of `accelerate launch` describe. A single process (nothing
+    to shard) or a non-CPU accelerator is returned unchanged."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return accelerator
+    if accelerator._models or accelerator._optimizers:
+        raise RuntimeError("fsdp_on_cpu: call it before accelerator.prepare")
+    plugin = plugin if plugin is not None else FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"FSDP without a GPU needs fsdp_version 2, not {plugin.fsdp_version}")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
 
 
 def steps_for(num_items: int, items_per_step: int, cfg, steps_per_batch: int = 1) -> int:
@@ -154,7 +199,13 @@ def optimizer_step(model, optimizer, scheduler, cfg, accelerator, *, step: int |
     lr = optimizer.param_groups[0]["lr"]
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    if accelerator is not None:
+    if accelerator is not None and getattr(accelerator, "is_fsdp2", False):
+        # FSDP2: DTensor gradients on one mesh, which torch's clip handles. accelerate's
+        # matches `params` against every prepared model with `==` (a RuntimeError once a
+        # second model was prepared) and returns None when they are not all of its parameters.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    elif accelerator is not None:
         norm = accelerator.clip_grad_norm_(params, max_norm)
     else:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
