@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="section.key=value")
     sub.add_parser("demo", help="the CPU demo (synthetic world + ReDial check)",
                    add_help=False)
-    sub.add_parser("rra", help="rank-reflective adjustment tools (rankgrpo.rra)",
+    sub.add_parser("rra", help="stage 1: Remap-Reflect-Adjust SFT data from a teacher "
+                               "(rankgrpo.rra)",
                    add_help=False)
     return p
 
