@@ -80,6 +80,16 @@ SUITES = {
         notes=("each contender in its own process; memory = growth of the process's peak "
                "resident set (VmHWM) over the step, in a process whose glibc mmap threshold "
                "is pinned so that freed blocks return to the OS",)),
+    "cpu-trl": Suite(
+        name="cpu-trl", device="cpu", dtype="float32", shapes=("cpu-4k",), tokens=(4096,),
+        contenders=("torch", "trl-chunked+seg", "reference"), isolate=True, max_reps=2,
+        cell_budget_s=30.0, max_step_s=600.0, rounds=1, segment_table=False,
+        notes=("ours (torch backend) beside TRL 1.16's two log-prob paths at V = 32000: its "
+               "chunked LM head (ChunkedLogProbFunction, what add_fused_lm_head runs) and "
+               "materialised fp32 logits (reference), each followed by the same segment stage",
+               "each contender in its own process; memory = growth of the process's peak "
+               "resident set (VmHWM) over the step, in a process whose glibc mmap threshold "
+               "is pinned so that freed blocks return to the OS",)),
     "standard": Suite(
         name="standard", device="cuda", dtype="bfloat16",
         shapes=("qwen2.5-0.5b", "llama-3.2-3b", "qwen2.5-7b"), tokens=(8192, 32768),
