@@ -280,9 +280,11 @@ def gathered_lm_head(model, accelerator=None):
     Plain / DDP: nothing to do. DeepSpeed ZeRO-3: `deepspeed.zero.GatheredParameters` over
     the head's weight and bias (keep the context open through backward, so autograd sees
     the full tensor and DeepSpeed's gradient hooks reduce-scatter it). FSDP: call the loss
-    through `call_through_wrapper`, which unshards the root unit (keep the LM head in the
-    root unit; auto-wrap only the decoder layers, as the shipped FSDP config does).
-    NOT TESTED here (no GPUs, no DeepSpeed): the code paths exist behind these checks.
+    through `call_through_wrapper`, which runs the wrapper's forward hooks; the LM head must
+    be in a unit that is whole after the base model's forward: the root unit, or (accelerate's
+    FSDP2) one unit with the final norm and embeddings that is not resharded after forward.
+    FSDP2 is tested on CPU (tests/test_hardening_fsdp.py); ZeRO-3 and FSDP1 are NOT TESTED
+    here (no GPUs, no DeepSpeed): the code paths exist behind these checks.
     """
     if accelerator is None or not is_zero3(accelerator):
         yield

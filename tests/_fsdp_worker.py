@@ -4,8 +4,9 @@ tests/_fsdp_worker.py TMP` (tests/test_hardening_fsdp.py; TMP holds the tiny mod
 
 1. One RL step's gradients on this process's 6 of 12 rows (the DDP test's batch), gathered
    whole: the parent compares them with one process's on all 12 rows.
-2. Training with sharded checkpoints: 4 straight steps (run `a`), and 2 steps, Ctrl-C,
-   `--resume`, 2 more (run `b`); the parent compares the two runs' checkpoint-4.
+2. Training with sharded checkpoints: 4 straight steps (run `a`, then a held-out
+   evaluation: generation), and 2 steps, Ctrl-C, `--resume`, 2 more (run `b`); the parent
+   compares the two runs' checkpoint-4. Then one SFT step.
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def main(tmp: str) -> None:
     from _trainer_world import NUM_RANKS, ScriptedRollout, fixed_batch, make_catalog, make_records
     from transformers import AutoModelForCausalLM
 
-    from rankgrpo.config import EvalConfig, ModelConfig
+    from rankgrpo.config import EvalConfig, ModelConfig, SFTConfig
     from rankgrpo.model import frozen_copy, is_fsdp2_module, load_tokenizer
     from rankgrpo.rl_step import accumulate_gradients
     from rankgrpo.runtime import make_accelerator
+    from rankgrpo.sft import sft_train
     from rankgrpo.train import grpo_train
 
     acc = make_accelerator(dp_config(tmp))
@@ -117,6 +119,13 @@ def main(tmp: str) -> None:
     a = run("a", eval_records=recs, eval_config=EvalConfig(max_new_tokens=4))
     b1 = run("b", callbacks=[_interrupt_at(2)])
     b2 = run("b", resume=True)
+    # the SFT loop under FSDP2 too: one step
+    sft = sft_train(AutoModelForCausalLM.from_pretrained(f"{tmp}/tiny"), tok, recs * 2,
+                    SFTConfig(output_dir=f"{tmp}/sft", max_steps=1, disable_tqdm=True,
+                              per_device_train_batch_size=2, kernel_backend="torch",
+                              max_length=256),
+                    accelerator=acc, save_final=False)
+
     # each process's optimizer shard after step 4: straight == resumed, bitwise
     name = f"checkpoint-4/optimizer_rank{rank}.pt"
     sa, sb = (torch.load(f"{tmp}/{r}/{name}", weights_only=True) for r in "ab")
@@ -127,7 +136,7 @@ def main(tmp: str) -> None:
             "a": [h["loss"] for h in a.history], "a_eval": a.eval_history[-1]["ndcg@5"],
             "b1": [h["loss"] for h in b1.history], "b1_interrupted": b1.interrupted,
             "b2": [h["loss"] for h in b2.history], "b2_step": b2.step,
-            "b2_interrupted": b2.interrupted}))
+            "b2_interrupted": b2.interrupted, "sft": sft.history[0]}))
     acc.wait_for_everyone()
     torch.distributed.destroy_process_group()
 

@@ -94,6 +94,10 @@ def test_fsdp_gradients_equal_one_process(world, fsdp_run):
     assert grads.keys() == dict(model.named_parameters()).keys()
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+    worst = max(((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item()
+                for n, p in model.named_parameters())
+    print(f"[fsdp] loss {fsdp['loss']!r} vs one process {single['loss']!r}; largest "
+          f"|grad difference| / max |grad| over parameters: {worst:.2e}")
 
 
 def test_fsdp_sharded_checkpoint_resumes_bitwise(fsdp_run):
@@ -106,6 +110,8 @@ def test_fsdp_sharded_checkpoint_resumes_bitwise(fsdp_run):
     assert runs["b2_step"] == 4 and not runs["b2_interrupted"]
     assert runs["b2"] == runs["a"] and len(runs["a"]) == 4  # every step's loss, exactly
     assert runs["a_eval"] == runs["a_eval"]  # the held-out evaluation ran (generation)
+    sft = runs["sft"]  # the SFT loop ran a step under FSDP2 too
+    assert sft["loss"] > 0 and 0 < sft["grad_norm"] < float("inf")
     mid = tmp / "b" / "checkpoint-2"
     assert {p.name for p in mid.glob("optimizer*.pt")} == {"optimizer_rank0.pt",
                                                            "optimizer_rank1.pt"}
