@@ -4,7 +4,8 @@ over gloo, started exactly as a user starts it (`accelerate launch --config_file
 - one RL step's gradients equal one process's on the same 12 rows (the DDP test's batch and
   tolerances, tests/test_trainer_invariance.py), and every parameter is really sharded;
 - a sharded checkpoint (optimizer_rank{r}.pt per process) resumes bitwise: 2 steps, Ctrl-C,
-  --resume, 2 steps == 4 straight steps (weights, each optimizer shard, every step's loss).
+  --resume, 2 steps == 4 straight steps (weights, each optimizer shard, every step's loss);
+- the held-out evaluation (generation) and one SFT step run under FSDP2 as well.
 
 Without a GPU, accelerate 1.15 would make this launch a DDP run and torch's FSDP1 refuses the
 CPU; rankgrpo's make_accelerator gives the CPU accelerator the FSDP2 plugin
