@@ -38,7 +38,7 @@ import rankgrpo_kernels as rk
 
 from .inputs import Inputs
 
-# Clip ranges per level: the paper's defaults (SPEC section 7). Every contender at a level
+# Clip ranges per level: the paper's defaults (docs/math.md section 7). Every contender at a level
 # gets the same ones.
 EPSILONS = {"rank": (0.06, 0.08), "token": (0.2, 0.26), "sequence": (3e-4, 4e-4)}
 

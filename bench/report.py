@@ -1,6 +1,6 @@
 """Everything the bench prints or writes: the progress lines of a run, JSON, a markdown table,
 a short table for the end of a log, PNG plots (when matplotlib is installed), the CPU suite's
-summary and DESIGN.md's performance targets checked against the numbers.
+summary and docs/design.md's performance targets checked against the numbers.
 
 The runner measures and calls the public functions here; nothing here measures.
 A recorded results.json names no absolute path (`check_no_absolute_paths`): recorded runs are
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 MIB = 2**20
-CPU_TARGET_SIZE = (4096, 256, 32000)  # T, H, V of DESIGN.md's CPU targets
+CPU_TARGET_SIZE = (4096, 256, 32000)  # T, H, V of docs/design.md's CPU targets
 
 
 def fmt_num(x, digits=1, dash="-"):
@@ -135,7 +135,7 @@ def markdown(res: dict) -> str:
                            f" | {fmt_pct(row.get('share_of_step'))} | {status_of(row)} |")
         out.append("")
     if res.get("targets"):
-        out += ["## Targets (DESIGN.md)", "", "| target | where | value | needed | result |",
+        out += ["## Targets (docs/design.md)", "", "| target | where | value | needed | result |",
                 "|---|---|---|---|---|"]
         for t in res["targets"]:
             out.append(f"| {t['target']} | {t['where']} | {t['value']} | {t['needed']} | "
@@ -185,7 +185,7 @@ def step_ms(cell):
 
 
 def check_targets(res: dict) -> list[dict]:
-    """DESIGN.md's performance targets, on what this run measured."""
+    """docs/design.md's performance targets, on what this run measured."""
     out = []
 
     def add(target, where, value, needed, ok):
@@ -196,7 +196,7 @@ def check_targets(res: dict) -> list[dict]:
         where = f"{cfg['shape']} T={cfg['tokens']}"
         if res["settings"]["device"] == "cpu":
             if (cfg["tokens"], cfg["hidden"], cfg["vocab"]) != CPU_TARGET_SIZE:
-                continue  # DESIGN.md states the CPU targets at this size only
+                continue  # docs/design.md states the CPU targets at this size only
             t, r = ok_cell(cfg, "torch"), ok_cell(cfg, "reference")
             if t and r:
                 tm, rm = t["step"]["peak_raw_bytes"], r["step"]["peak_raw_bytes"]

@@ -58,7 +58,7 @@ class Suite:
     budget_s: float = 0.0           # whole suite; 0 = no limit
     rounds: int = 1                 # isolated timing processes per contender, interleaved
     segment_table: bool = True
-    targets: bool = True            # check DESIGN.md's performance targets
+    targets: bool = True            # check docs/design.md's performance targets
     threads: int = 0                # torch CPU threads; 0 = torch's default
     notes: tuple[str, ...] = field(default_factory=tuple)
 

@@ -1,7 +1,7 @@
 """Item catalogs: the set of `(title, year)` pairs a recommendation may score on.
 
-Membership is exact: case-sensitive on the title, exact on the integer year (SPEC section 2).
-Catalogs load from TSV, CSV, JSON or JSONL, never from pickle. Every load keeps a
+Membership is exact: case-sensitive on the title, exact on the integer year (docs/math.md
+section 2). Catalogs load from TSV, CSV, JSON or JSONL, never from pickle. Every load keeps a
 `LoadReport` saying how many rows were kept and which were skipped, and why.
 
 Reddit-v2 quirk: its catalog has one row `The Wall<TAB>201` (a 3-digit year). A parsed

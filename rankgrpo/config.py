@@ -9,7 +9,7 @@ A config file has up to five sections, each a dataclass below:
     eval:   held-out evaluation                             (EvalConfig)
 
 Option names follow TRL's GRPOConfig / SFTConfig where the concept is the same. Defaults of
-`grpo` and `sft` are the paper's (SPEC section 11); the per-model presets in
+`grpo` and `sft` are the paper's (docs/math.md section 11); the per-model presets in
 `rankgrpo/configs/` set the rest.
 
 Loading is strict: an unknown key, a value of the wrong type or out of range, or a missing
@@ -63,7 +63,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Records (SPEC section 12) and the catalog."""
+    """Records (docs/math.md section 12) and the catalog."""
 
     train_file: str | None = None  # JSONL records or a `save_to_disk` folder
     eval_file: str | None = None

@@ -1,4 +1,4 @@
-"""Held-out evaluation (SPEC section 10): greedy decoding, one generation per unique prompt,
+"""Held-out evaluation (docs/math.md section 10): greedy decoding, one generation per unique prompt,
 Recall@K and NDCG@K through `rankgrpo.metrics.evaluate` (seen and out-of-catalog items are
 removed, the list compacts, each ground-truth item is credited once)."""
 

@@ -1,4 +1,4 @@
-"""Parse a generated recommendation list into `(title, year)` items (SPEC section 2).
+"""Parse a generated recommendation list into `(title, year)` items (docs/math.md section 2).
 
 The rules, in order:
 1. The text is split on `\\n` only (other line breaks such as `\\r` or U+2028 are ordinary
@@ -13,8 +13,8 @@ The rules, in order:
    does not is dropped and takes no rank.
 4. The title is cleaned again until stable: innermost `(...)` groups removed, whitespace
    collapsed, the markdown characters of rule 2 stripped, one pair of surrounding quotes
-   removed. "Format chars" in the SPEC means these markdown characters; Unicode characters
-   are left exactly as generated (matching is exact).
+   removed. "Format chars" in docs/math.md section 2 means these markdown characters; Unicode
+   characters are left exactly as generated (matching is exact).
 
 `parse_lines` also returns each line's character span in the original text, so the token
 alignment (`rankgrpo.alignment`) can map every parsed item to the tokens that produced it.
@@ -116,7 +116,7 @@ def parse_lines(text: str) -> list[ParsedLine]:
 
 
 def parse_recommendations(text: str) -> list[tuple[str, int]]:
-    """All parsed `(title, year)` items of a generation, in order (SPEC section 2).
+    """All parsed `(title, year)` items of a generation, in order (docs/math.md section 2).
 
     No truncation here: the reward and the metrics take the first N.
     """

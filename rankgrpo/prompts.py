@@ -1,4 +1,4 @@
-"""The paper's prompt (SPEC section 1) and conversation transcripts.
+"""The paper's prompt (docs/math.md section 1) and conversation transcripts.
 
 The prompt is one user turn; the trainer applies the model's chat template on top, with no
 system message.
@@ -29,7 +29,7 @@ def build_prompt(turns: Iterable[tuple[str, str]] | str, num_ranks: int = 20) ->
 
     `turns` is a list of `(role, text)` with role "USER" or "SYSTEM", or a user's message as
     a plain string (a single-turn conversation, as in Reddit-v2). For a conversation that
-    starts with the user this is exactly SPEC section 1's
+    starts with the user this is exactly docs/math.md section 1's
     `...Here is the conversation: USER: {conversation}\\n`; one that the recommender opened
     starts with `SYSTEM: ` instead, so no turn is labelled with the wrong role.
     """

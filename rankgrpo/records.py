@@ -1,4 +1,4 @@
-"""Records in the Reddit-v2 form (SPEC section 12): read, write, validate.
+"""Records in the Reddit-v2 form (docs/math.md section 12): read, write, validate.
 
 A record is a dict with
 - `prompt`: the prompt text, or a chat message list `[{"role": "user", "content": ...}]`;

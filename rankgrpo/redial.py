@@ -1,4 +1,4 @@
-"""ReDial -> records in the Reddit-v2 form, split by dialogue (SPEC section 12).
+"""ReDial -> records in the Reddit-v2 form, split by dialogue (docs/math.md section 12).
 
 Source: the ReDial test split as processed by CRSLab and re-released by He et al. (CIKM 2023);
 ReDial is by Li et al. (NeurIPS 2018), CC BY 4.0. The raw files ship gzipped in
@@ -6,7 +6,7 @@ ReDial is by Li et al. (NeurIPS 2018), CC BY 4.0. The raw files ship gzipped in
 (`load_default_redial`), so nothing here needs `../shared`.
 
 One record per recommender turn:
-- prompt: SPEC section 1's prompt around the dialogue so far. CRSLab's `context` starts with
+- prompt: docs/math.md section 1's prompt around the dialogue so far. CRSLab's `context` starts with
   an empty placeholder and its ready-made `input` transcript labels the first utterance
   "User" even when the recommender opened; roles are rebuilt instead: the last context
   utterance is the user's (every row is a recommender turn, `is_user` = 0) and roles
@@ -18,7 +18,7 @@ One record per recommender turn:
   DBpedia disambiguation (`Speed_(1994_film)`). Unresolved ids are dropped as "no_year", or
   "not_a_movie" when the DBpedia page is not a film (`Thor_(volcano)`, `Dirty_Dancing_(song)`).
   Ground-truth movies the conversation already mentioned are dropped ("already_seen"): they
-  can never score (SPEC section 2, rule 1) and He et al. show they inflate ReDial results.
+  can never score (docs/math.md section 2, rule 1) and He et al. show they inflate ReDial results.
 - seen titles: bare titles of the movies (`item_ids`) in `prev_entity`.
 - catalog: every movie of the data with a year (resolved items, ground truth, and the
   `Title (Year)` names in `entity_name`).

@@ -20,7 +20,7 @@ tiny model can learn in minutes:
 
 So a policy that reads the taste words and the liked movies can beat the teacher by a wide margin,
 and the reward (the true ground truth) tells it how. Records use the Reddit-v2 record form
-(SPEC 12): `prompt`, `completion`, `seen_titles`, `groundtruth_with_release_year`.
+(docs/math.md section 12): `prompt`, `completion`, `seen_titles`, `groundtruth_with_release_year`.
 Everything is a pure function of the seed and the config: the same seed gives the same world.
 """
 

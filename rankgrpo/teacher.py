@@ -30,7 +30,8 @@ class Teacher(Protocol):
 
 
 def format_completion(items: Iterable[Item]) -> str:
-    """N lines `Title (Year)` joined by `\\n`, no numbering, no trailing newline (SPEC 1)."""
+    """N lines `Title (Year)` joined by `\\n`, no numbering, no trailing newline
+    (docs/math.md section 1)."""
     return "\n".join(f"{t} ({y})" for t, y in items)
 
 
@@ -168,7 +169,8 @@ class CooccurrenceTeacher:
 
 def build_sft_targets(records: Iterable[Mapping[str, Any]], teacher: Teacher,
                       n: int = 20) -> list[dict[str, Any]]:
-    """Copies of `records` whose `completion` is the teacher's list, formatted as SPEC 1."""
+    """Copies of `records` whose `completion` is the teacher's list, formatted as
+    docs/math.md section 1."""
     out = []
     for r in records:
         rec = dict(r)

@@ -1,7 +1,7 @@
 """Token-level helpers: the per-tokenizer newline table and decoding with character offsets.
 
 `newline_counts(tokenizer)` is the table that `rankgrpo_kernels.segment_ids_from_newlines`
-gathers from: `nl[v]` = number of `\\n` in the decoded vocabulary id v (SPEC section 5).
+gathers from: `nl[v]` = number of `\\n` in the decoded vocabulary id v (docs/math.md section 5).
 `decode_with_offsets` decodes a completion once and says which characters each token
 produced; the aligned mode (`rankgrpo.alignment`) uses it to map parsed items to tokens.
 

@@ -103,7 +103,7 @@ def grpo_train(model, tokenizer, train_records: Sequence[Mapping[str, Any]], cat
                resume: str | bool | None = None,
                callbacks: Sequence[Callable[[dict], None]] = (),
                save_final: bool = True, allow_config_change: bool = False) -> TrainResult:
-    """Train `model` with Rank-GRPO on `train_records` (SPEC section 12 records).
+    """Train `model` with Rank-GRPO on `train_records` (docs/math.md section 12 records).
 
     Args:
         model, tokenizer: the policy (e.g. the SFT result) and its tokenizer.

@@ -1,4 +1,4 @@
-"""Triton phase-1 kernels on a CUDA GPU at the real shapes of DESIGN.md (`pytest -m gpu`).
+"""Triton phase-1 kernels on a CUDA GPU at the real shapes of docs/design.md (`pytest -m gpu`).
 
 bf16 parity uses the one tolerance rule of tests/_tolerance.py (Cut Cross-Entropy's, per
 tensor: max|ours - fp64| <= max|torch - fp64| + slack), with "fp64" the chunked torch backend

@@ -1,4 +1,4 @@
-"""SPEC section 2 parse: one fixture per rule, on messy generated text."""
+"""docs/math.md section 2 parse: one fixture per rule, on messy generated text."""
 
 import pytest
 
@@ -7,7 +7,7 @@ from rankgrpo.rewards import parse_recommendations
 
 
 @pytest.mark.parametrize("text, expected", [
-    # the well-formed output of SPEC section 1
+    # the well-formed output of docs/math.md section 1
     ("Heat (1995)\nAlien (1979)", [("Heat", 1995), ("Alien", 1979)]),
     # blank lines and runs of newlines collapse; whitespace-only lines are blank
     ("Heat (1995)\n\n\n  \nAlien (1979)\n", [("Heat", 1995), ("Alien", 1979)]),

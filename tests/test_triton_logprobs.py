@@ -171,7 +171,7 @@ def test_fused_loss_matches_reference(rng, loss_type, level):
 
 
 def test_batch_invariance_bitwise(rng):
-    """A row's logp and entropy do not depend on the rest of the batch (SPEC section 8).
+    """A row's logp and entropy do not depend on the rest of the batch (docs/math.md section 8).
 
     Compiled (CUDA), bitwise: alone, in a batch of 64, and beside rows that differ. Through
     the interpreter, `tl.dot` is numpy's BLAS, whose blocking depends on the operand shapes:

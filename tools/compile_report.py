@@ -3,7 +3,7 @@
 No GPU is needed: Triton lowers to PTX and runs its bundled ptxas, so register-allocation
 failures, spills and shared-memory overflows show up here as they would on the card.
 
-    python -m tools.compile_report            # table for the DESIGN.md shapes
+    python -m tools.compile_report            # table for the docs/design.md shapes
     python -m tools.compile_report --arch 90 --dtype bf16 --json
 
 Must run with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions);
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-# DESIGN.md shapes: (name, H, V)
+# docs/design.md shapes: (name, H, V)
 SHAPES = (("qwen2.5-0.5b", 896, 151936), ("llama-3.2-3b", 3072, 128256),
           ("qwen2.5-7b", 3584, 152064))
 SMEM_LIMIT = {90: 232448, 80: 166912}  # max dynamic shared memory per block (bytes)
@@ -136,7 +136,7 @@ def _specs(dtype: str, hidden: int, vocab: int, edge: bool):
 
 def _divisible(name: str, typ: str) -> bool:
     """What the JIT would specialise at the real shapes: 16-byte aligned pointers, strides
-    and sizes that are multiples of 16 (H and V of every DESIGN.md model are); N is never
+    and sizes that are multiples of 16 (H and V of every docs/design.md model are); N is never
     specialised in the forward (batch invariance) and is left unhinted everywhere."""
     if typ.startswith("*"):
         return True

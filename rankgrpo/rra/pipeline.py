@@ -352,7 +352,7 @@ def _targets(records, kept, index) -> list[list[int]]:
 def ablation(records: Sequence[Mapping[str, Any]], scored: Scored, fit: AdjustResult | None,
              catalog: Catalog, catalog_items: list[tuple[str, int]], k_max: int = 20
              ) -> dict[str, dict[str, float]]:
-    """Mean Recall/NDCG@5/10/20 of each variant over the kept records (SPEC 10 metrics)."""
+    """Mean Recall/NDCG@5/10/20 of each variant over the kept records (docs/math.md section 10)."""
     table: dict[str, dict[str, float]] = {}
     variants = {"teacher": None, "remap": scored.remap, "remap+reflect": scored.reflect}
     if fit is not None:

@@ -61,7 +61,7 @@ def conversation_of(record: Mapping[str, Any]) -> Conversation:
 
 
 def recommend_prompt(conversation: Conversation, n: int) -> str:
-    """The paper's zero-shot prompt (SPEC 1) asking for `n` items."""
+    """The paper's zero-shot prompt (docs/math.md section 1) asking for `n` items."""
     return PROMPT_PREFIX.format(num_ranks=n) + conversation.text + "\n"
 
 
