@@ -198,13 +198,12 @@ def record_conversation(record: dict) -> str:
 
 
 def default_catalog_path() -> Path:
-    """The packaged Reddit-v2 catalog TSV (rankgrpo/data), else the shared data folder."""
-    here = Path(__file__).resolve().parent
-    for p in (here / "data" / "reddit_v2_catalog.tsv",
-              here.parent.parent / "shared" / "data" / "reddit_v2_catalog.tsv"):
-        if p.exists():
-            return p
-    raise FileNotFoundError("reddit_v2_catalog.tsv not found in rankgrpo/data/ or ../shared/data/")
+    """The Reddit-v2 catalog TSV shipped in the package (rankgrpo/data)."""
+    p = Path(__file__).resolve().parent / "data" / "reddit_v2_catalog.tsv"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} is missing: the package was installed without its data "
+                                "files (reinstall rankgrpo)")
+    return p
 
 
 def read_catalog_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:
