@@ -343,6 +343,26 @@ def test_refused_options_name_themselves(name, tmp_path):
         _config(RankGRPOConfig, tmp_path, **ACTIVATE[name])
 
 
+def test_router_aux_loss_and_zero3_are_refused_by_name(batch_trainer, monkeypatch):
+    """The two refusals a CPU config cannot switch on: the MoE router loss (needs an MoE
+    model: its row's check on a config whose trainer found the aux loss enabled) and DeepSpeed
+    ZeRO-3 (its sharded LM head weight), raised where the trainer meets them."""
+    import types
+
+    from rankgrpo.integrations.trl import check_trl_args
+
+    args = copy.copy(batch_trainer[0].args)
+    args._rankgrpo_aux_loss_enabled = True
+    with pytest.raises(UnsupportedOptionError, match="^router_aux_loss_coef"):
+        check_trl_args(args)
+    import transformers.integrations.deepspeed as ds
+
+    tr = batch_trainer[0]
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(UnsupportedOptionError, match="ZeRO-3"):
+        tr._head(types.SimpleNamespace(config=tr._causal_lm(tr.model).config))
+
+
 def test_docs_table_in_sync():
     from pathlib import Path
 
