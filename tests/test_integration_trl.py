@@ -338,7 +338,11 @@ def test_adaptive_entropy_controller_parity(batch_trainer):
 def test_refused_options_name_themselves(name, tmp_path):
     row = next(o for o in TRL_OPTIONS if o.name == name)
     if row.supported:
-        pytest.skip(f"{name} is supported now: test_option_parity / the grid check it")
+        checked_by = {"use_adaptive_entropy": "test_adaptive_entropy_controller_parity",
+                      "vllm_importance_sampling_correction":
+                          "test_vllm_importance_sampling_parity"}
+        pytest.skip(f"{name} is supported now: "
+                    f"{checked_by.get(name, 'test_option_parity / the grid')} checks it")
     with pytest.raises(UnsupportedOptionError, match=name):
         _config(RankGRPOConfig, tmp_path, **ACTIVATE[name])
 
