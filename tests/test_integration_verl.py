@@ -37,12 +37,18 @@ def _batch(rng, b=6, t=14, per_row_adv=False):
     lengths = torch.randint(1, t + 1, (b,), generator=rng)
     lengths[0] = t
     lengths[1] = 0  # an empty response (verl's sequence modes skip it)
+    lengths[2] = t
     mask = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
     old = -torch.rand(b, t, generator=rng, dtype=torch.float64) * 4
     # wide enough that both clip sides and the dual clip (ratio > 3, A < 0) are hit
     logp = old + 0.7 * torch.randn(b, t, generator=rng, dtype=torch.float64)
     if per_row_adv:
         adv = torch.randn(b, 1, generator=rng, dtype=torch.float64).expand(b, t).clone()
+        # both clip sides for sure: a row with A > 0 past 1 + eps_high and one with A < 0
+        # below 1 - eps_low (random per-row signs alone miss one side for some seeds)
+        adv[0], adv[2] = adv[0].abs() + 0.1, -adv[2].abs() - 0.1
+        logp[0, :3] = old[0, :3] + 1.0
+        logp[2, :3] = old[2, :3] - 1.0
     else:
         adv = torch.randn(b, t, generator=rng, dtype=torch.float64)
         # a few tokens past the dual clip for sure: ratio e^1.5 > 3 with A < 0
