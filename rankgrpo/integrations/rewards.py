@@ -5,8 +5,8 @@ where every extra dataset column arrives as a list, one entry per completion. Th
 built here parses each completion into `(title, year)` items, scores them against the row's
 ground truth and the catalog (`rankgrpo.rewards.rank_relevance`) and returns, per completion,
 the list of N per-rank rewards (`rankgrpo.rewards.rank_rewards`: exp_inf, log or exp_gamma),
-or the sequence DCG as one float with kind="sequence". `RankGRPOTrainer` at the rank level
-takes the per-rank lists; a plain TRL trainer needs kind="sequence".
+or the sequence DCG as one float with kind="sequence_dcg". `RankGRPOTrainer` at the rank
+level takes the per-rank lists; a plain TRL trainer needs kind="sequence_dcg".
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Container
 from typing import Any
 
-from rankgrpo.rewards import rank_relevance, rank_rewards, sequence_dcg
-
-KINDS = ("exp_inf", "log", "exp_gamma", "sequence")
+from rankgrpo.rewards import REWARD_KINDS, rank_relevance, rank_rewards, sequence_dcg
 
 
 def _text(completion: Any) -> str:
@@ -38,15 +36,16 @@ def catalog_reward_function(catalog: Container | None, *, num_ranks: int = 20,
     Args:
         catalog: a `rankgrpo.catalog.Catalog` (or any container of `(title, year)`); None
             skips the catalog check.
-        num_ranks: N. kind: "exp_inf", "log", "exp_gamma" (needs gamma > 1) or "sequence".
+        num_ranks: N. kind: one of `rankgrpo.rewards.REWARD_KINDS`: "exp_inf", "log",
+            "exp_gamma" (needs gamma > 1) or "sequence_dcg".
         groundtruth_column / seen_column: dataset columns holding `[[title, year], ...]` and
             the titles already mentioned, per prompt.
     Returns:
         f(prompts, completions, **columns) -> list (one entry per completion) of N floats,
-        or of floats for kind="sequence". Its `__name__` is "catalog_<kind>" (TRL logs it).
+        or of floats for kind="sequence_dcg". Its `__name__` is "catalog_<kind>" (TRL logs it).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"kind must be one of {list(REWARD_KINDS)}, got {kind!r}")
     if kind == "exp_gamma" and (gamma is None or not gamma > 1):
         raise ValueError(f"kind='exp_gamma' needs gamma > 1, got {gamma!r}")
     if not (isinstance(num_ranks, int) and num_ranks >= 1):
@@ -64,7 +63,7 @@ def catalog_reward_function(catalog: Container | None, *, num_ranks: int = 20,
                                   columns[seen_column], strict=True):
             rel = rank_relevance(_text(comp), gt, seen or [], catalog, num_ranks,
                                  year_tolerance=year_tolerance)
-            if kind == "sequence":
+            if kind == "sequence_dcg":
                 out.append(sequence_dcg(rel))
             else:
                 out.append(rank_rewards(rel, kind, gamma))
