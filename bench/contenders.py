@@ -178,7 +178,25 @@ class Liger(Contender):
             return LigerFusedLinearPPOBase.chunk_forward(inp.hidden, inp.weight, inp.targets)
 
 
-class CCE(Contender):
+class LogpThenSegment(Contender):
+    """A peer's per-token log-prob path (`_logp`) followed by our segment stage: the loss is
+    `segment_loss(_logp(inp))` and the no-grad pass is `_logp` under no_grad."""
+
+    def _logp(self, inp: Inputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, inp):
+        return segment_loss(self._logp(inp), inp)
+
+    def has_logp(self):
+        return True
+
+    def logp(self, inp):
+        with torch.no_grad():
+            return self._logp(inp)
+
+
+class CCE(LogpThenSegment):
     name = "cce+seg"
     compiles = True
     note = 'linear_cross_entropy(reduction="none") then rank_grpo_loss(backend="torch")'
@@ -195,25 +213,15 @@ class CCE(Contender):
                     "compile on CPU (--cce-cpu to include it)")
         return None
 
-    def _neg_ce(self, inp):
+    def _logp(self, inp):
         from cut_cross_entropy import linear_cross_entropy
 
         impl = "cce" if inp.hidden.is_cuda else "torch_compile"
         return -linear_cross_entropy(inp.hidden, inp.weight, inp.targets, reduction="none",
                                      impl=impl)
 
-    def loss(self, inp):
-        return segment_loss(self._neg_ce(inp), inp)
 
-    def has_logp(self):
-        return True
-
-    def logp(self, inp):
-        with torch.no_grad():
-            return self._neg_ce(inp)
-
-
-class TRLChunked(Contender):
+class TRLChunked(LogpThenSegment):
     """TRL 1.16's fused LM-head path: `ChunkedLogProbFunction` on the masked positions (on
     Triton devices, as `add_fused_lm_head` compacts them; every position elsewhere), scattered
     back, then our segment stage."""
@@ -249,15 +257,6 @@ class TRLChunked(Contender):
                                           1.0, ())[0]
         return lp.view(b, length).masked_fill(~inp.mask, 0)
 
-    def loss(self, inp):
-        return segment_loss(self._logp(inp), inp)
-
-    def has_logp(self):
-        return True
-
-    def logp(self, inp):
-        with torch.no_grad():
-            return self._logp(inp)
 
 
 class LigerTriton(Contender):
@@ -298,7 +297,7 @@ def _chunk_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
 
 
-class CompiledChunked(Contender):
+class CompiledChunked(LogpThenSegment):
     """The loss a practitioner writes with PyTorch alone: tokens in chunks whose fp32 logits
     stay under 256 MiB, each chunk's log-prob function under `torch.compile` and activation
     checkpointing (logits recomputed in the backward, never all alive), then our segment
@@ -338,15 +337,6 @@ class CompiledChunked(Contender):
                  for i in range(0, h.shape[0], c)]
         return torch.cat(parts).view(inp.targets.shape)
 
-    def loss(self, inp):
-        return segment_loss(self._logp(inp), inp)
-
-    def has_logp(self):
-        return True
-
-    def logp(self, inp):
-        with torch.no_grad():
-            return self._logp(inp)
 
 
 def make(name: str, *, cce_cpu: bool = False, compile_cpu: bool = False) -> Contender:

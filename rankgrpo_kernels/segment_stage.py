@@ -142,6 +142,21 @@ def reference_stage(logp, old_logp, ref_logp, adv, key, num_keys, c, mask, p: Cl
     return loss, _stats(w, adv, kl, mask, p)
 
 
+def clip_surrogate(w: torch.Tensor, adv: torch.Tensor,
+                   p: ClipParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: the clipped surrogate -min(min(w, delta) A, clip(w, 1 - eps_low,
+    1 + eps_high) A) and its derivative in w, taken as autograd takes it: min() splits a tie
+    in half, clamp() passes the gradient at its bounds (docs/math.md section 7)."""
+    hi, lo = 1 + p.epsilon_high, 1 - p.epsilon_low
+    w1 = w if p.delta is None else torch.clamp(w, max=p.delta)
+    a = w1 * adv
+    b = torch.clamp(w, lo, hi) * adv
+    pa = torch.where(a < b, 1.0, torch.where(a == b, 0.5, 0.0)).to(w.dtype)
+    dw1 = 1.0 if p.delta is None else (w <= p.delta).to(w.dtype)
+    dwc = ((w >= lo) & (w <= hi)).to(w.dtype)
+    return -torch.minimum(a, b), -(pa * adv * dw1 + (1 - pa) * adv * dwc)
+
+
 def torch_stage(logp, old_logp, ref_logp, adv, key, num_keys, c, mask, p: ClipParams):
     """Closed form: returns (loss, g = dloss/dlogp [B, T], stats). No autograd.
 
@@ -155,15 +170,7 @@ def torch_stage(logp, old_logp, ref_logp, adv, key, num_keys, c, mask, p: ClipPa
     n = _segment_sum(m, key, num_keys).clamp(min=1)
     wk = torch.exp(_segment_sum(lr, key, num_keys) / n)
     w = wk[key]
-    hi, lo = 1 + p.epsilon_high, 1 - p.epsilon_low
-    w1 = w if p.delta is None else torch.clamp(w, max=p.delta)
-    a = w1 * adv
-    b = torch.clamp(w, lo, hi) * adv
-    pa = torch.where(a < b, 1.0, torch.where(a == b, 0.5, 0.0)).to(w.dtype)
-    dw1 = 1.0 if p.delta is None else (w <= p.delta).to(w.dtype)
-    dwc = ((w >= lo) & (w <= hi)).to(w.dtype)
-    dl_dw = -(pa * adv * dw1 + (1 - pa) * adv * dwc)
-    per_token = -torch.minimum(a, b)
+    per_token, dl_dw = clip_surrogate(w, adv, p)
     q = torch.where(mask, c * dl_dw, 0)
     g = (wk / n)[key] * _segment_sum(q, key, num_keys)[key]
     kl = None

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .contract import LOSS_TYPE_TABLE
-from .segment_stage import ClipParams
+from .segment_stage import ClipParams, clip_surrogate
 from .segment_stage import _stats as plain_stats
 
 # surrogate name -> what S is (docs/math.md section 7.1)
@@ -202,14 +202,7 @@ def surrogate_closed(v: Variant, p: ClipParams, w: Tensor, adv: Tensor, logp: Te
     lo, hi = 1 - p.epsilon_low, 1 + p.epsilon_high
     s = v.surrogate
     if s == "clip":
-        w1 = w if p.delta is None else torch.clamp(w, max=p.delta)
-        a = w1 * adv
-        b = torch.clamp(w, lo, hi) * adv
-        pa = torch.where(a < b, 1.0, torch.where(a == b, 0.5, 0.0)).to(w.dtype)
-        dw1 = 1.0 if p.delta is None else (w <= p.delta).to(w.dtype)
-        dwc = ((w >= lo) & (w <= hi)).to(w.dtype)
-        dl_dw = -(pa * adv * dw1 + (1 - pa) * adv * dwc)
-        value = -torch.minimum(a, b)
+        value, dl_dw = clip_surrogate(w, adv, p)
         if v.clip_ratio_c is not None:
             cap = -adv * v.clip_ratio_c
             pv = torch.where(value < cap, 1.0, torch.where(value == cap, 0.5, 0.0)).to(w.dtype)
