@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 
 ROWS_PER_PROCESS = 6  # 3 prompts x G=4 = 12 rows; prompt 1's group spans both processes
+# Loss metrics that must not depend on how a step is split over micro-batches or processes
+# (sums and extremes reduced over both, then turned into means).
+SPLIT_FREE = ("kl", "entropy", "importance_ratio/mean", "importance_ratio/min",
+              "importance_ratio/max", "clip_ratio/region_mean", "frac_tokens_nonzero_advantage")
 
 
 def perturb(model, seed: int, scale: float = 0.01) -> None:
@@ -27,6 +31,45 @@ def dp_config(tmp, **kw):
                 max_prompt_length=128, disable_tqdm=True, save_steps=0, seed=0)
     base.update(kw)
     return GRPOConfig(**base)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_metrics(world, model, tmp) -> dict:
+    """The one-process reference of a 2-process run: the same 12 rows (reference model and
+    policy perturbed as the workers perturb them) through `accumulate_gradients`; the
+    gradients are left on `model`."""
+    from _trainer_world import NUM_RANKS, fixed_batch
+
+    from rankgrpo.model import frozen_copy
+    from rankgrpo.rl_step import accumulate_gradients
+
+    tok, recs, cat = world
+    cfg = dp_config(tmp)
+    ref = frozen_copy(model)
+    perturb(ref, 1)
+    batch, _, _ = fixed_batch(tok, recs, cat, cfg, model=model, ref_model=ref)
+    assert len(batch) == 2 * ROWS_PER_PROCESS
+    perturb(model, 2)
+    return accumulate_gradients(model, batch, cfg, NUM_RANKS)
+
+
+def assert_metrics_match(multi: dict, single: dict) -> None:
+    """The loss, its token count and every split-free metric of a multi-process run equal
+    the one-process run's."""
+    import pytest
+
+    assert multi["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-7)
+    assert multi["num_loss_tokens"] == single["num_loss_tokens"]
+    for k in SPLIT_FREE:
+        assert multi[k] == pytest.approx(single[k], rel=1e-5, abs=1e-7), k
 
 
 def worker(rank: int, world: int, port: int, tmp: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,24 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _dp_worker import ROWS_PER_PROCESS, dp_config, perturb
-from _trainer_world import NUM_RANKS, fixed_batch, make_model, world_fixture
-from test_trainer_invariance import SPLIT_FREE
+from _dp_worker import assert_metrics_match, free_port, single_process_metrics
+from _trainer_world import make_model, world_fixture
 
 from rankgrpo.config import ConfigError, GRPOConfig
-from rankgrpo.model import frozen_copy
-from rankgrpo.rl_step import accumulate_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "rankgrpo" / "configs" / "accelerate-fsdp.yaml"
 
 world = world_fixture(3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +49,7 @@ def fsdp_run(world, tmp_path_factory):
     # the shipped config as is (its bf16 is overridden by the run's own bf16 key: False)
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
            "--config_file", str(CONFIG), "--num_processes", "2",
-           "--main_process_port", str(_free_port()),
+           "--main_process_port", str(free_port()),
            str(ROOT / "tests" / "_fsdp_worker.py"), str(tmp)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
@@ -73,24 +63,14 @@ def test_shipped_config_is_fsdp2():
 
 def test_fsdp_gradients_equal_one_process(world, fsdp_run):
     """2 FSDP processes x 6 rows (one group split across them) == 1 process x 12 rows."""
-    tok, recs, cat = world
     tmp, model = fsdp_run
-    cfg = dp_config(tmp)
-    ref = frozen_copy(model)
-    perturb(ref, 1)
-    batch, _, _ = fixed_batch(tok, recs, cat, cfg, model=model, ref_model=ref)
-    assert len(batch) == 2 * ROWS_PER_PROCESS
-    perturb(model, 2)
-    single = accumulate_gradients(model, batch, cfg, NUM_RANKS)
+    single = single_process_metrics(world, model, tmp)
     fsdp = json.loads((tmp / "metrics_fsdp.json").read_text())
     # really sharded: each process holds half of every parameter's rows (dim 0)
     for n, p in model.named_parameters():
         assert fsdp["full"][n] == list(p.shape), n
         assert fsdp["shards"][n][0] == (p.shape[0] + 1) // 2, n
-    assert fsdp["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-7)
-    assert fsdp["num_loss_tokens"] == single["num_loss_tokens"]
-    for k in SPLIT_FREE:
-        assert fsdp[k] == pytest.approx(single[k], rel=1e-5, abs=1e-7), k
+    assert_metrics_match(fsdp, single)
     grads = torch.load(tmp / "grads_fsdp.pt", weights_only=True)
     assert grads.keys() == dict(model.named_parameters()).keys()
     for n, p in model.named_parameters():

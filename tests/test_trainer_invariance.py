@@ -2,12 +2,18 @@
 micro-batches (gradient accumulation) or across processes (2 CPU processes, gloo, DDP)."""
 
 import json
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _dp_worker import ROWS_PER_PROCESS, dp_config, perturb, worker
+from _dp_worker import (
+    SPLIT_FREE,
+    assert_metrics_match,
+    free_port,
+    perturb,
+    single_process_metrics,
+    worker,
+)
 from _trainer_world import NUM_RANKS, fixed_batch, grads_snapshot, make_model, world_fixture
 
 from rankgrpo.config import GRPOConfig
@@ -16,12 +22,6 @@ from rankgrpo.rl_step import accumulate_gradients
 from rankgrpo_kernels import AGGREGATIONS
 
 world = world_fixture(3)
-
-
-# Step metrics that must not depend on the split: sums and extremes reduced over
-# micro-batches and processes, then turned into means.
-SPLIT_FREE = ("kl", "entropy", "importance_ratio/mean", "importance_ratio/min",
-              "importance_ratio/max", "clip_ratio/region_mean", "frac_tokens_nonzero_advantage")
 
 
 # One loss type per aggregation (its own denominator): the other loss types differ in the
@@ -53,32 +53,17 @@ def test_gradient_accumulation_invariance(world, loss_type):
             torch.testing.assert_close(g[n], g0[n], rtol=1e-4, atol=1e-7, msg=n)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_data_parallel_split_invariance(world, tmp_path):
     """2 processes x 6 rows (one group split across them) == 1 process x 12 rows."""
     tok, recs, cat = world
     model = make_model(tok)
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
-    mp.start_processes(worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    cfg = dp_config(tmp_path)
-    ref = frozen_copy(model)
-    perturb(ref, 1)
-    batch, _, _ = fixed_batch(tok, recs, cat, cfg, model=model, ref_model=ref)
-    assert len(batch) == 2 * ROWS_PER_PROCESS
-    perturb(model, 2)
-    single = accumulate_gradients(model, batch, cfg, NUM_RANKS)
+    single = single_process_metrics(world, model, tmp_path)
     dp = json.loads((tmp_path / "metrics_dp.json").read_text())
-    assert dp["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-7)
-    assert dp["num_loss_tokens"] == single["num_loss_tokens"]
-    for k in SPLIT_FREE:
-        assert dp[k] == pytest.approx(single[k], rel=1e-5, abs=1e-7), k
+    assert_metrics_match(dp, single)
     grads = torch.load(tmp_path / "grads_dp.pt", weights_only=True)
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
