@@ -196,7 +196,12 @@ def tie_inputs(rng, level="token"):
 def test_ties_clip_bounds_delta_and_dual_clip(rng):
     x, w = tie_inputs(rng)
     adv = x["adv"]
-    hi_tok = ((w > 1) & (w < 2)).nonzero()[0]
+    # hi_tok: the smallest ratio in (1, 2), so that other tokens lie above 1 + eps_high for
+    # the delta and dual-clip ties (the first such token was the largest for ~1 seed in 30)
+    upper = (w > 1) & (w < 2)
+    assert int(upper.sum()) >= 2, "tie_inputs drew fewer than two ratios in (1, 2)"
+    hi_tok = (torch.where(upper, w, torch.inf) == torch.where(upper, w, torch.inf).min()
+              ).nonzero()[0]
     lo_tok = ((w < 1) & (w > 0.5)).nonzero()[0]
     # 1 + (w - 1) == w exactly for w in [1, 2), 1 - (1 - w) == w for w in [0.5, 1] (Sterbenz)
     eps_high = float(w[tuple(hi_tok)] - 1)
