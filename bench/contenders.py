@@ -5,11 +5,15 @@ Each contender has
     loss(inp)           -> the scalar loss with autograd attached (the timed forward);
     logp(inp)           -> per-token log-probs without grad (the old/ref log-prob pass),
                            or None when the contender has no such pass of its own.
-The timed backward is `loss.backward()` for all of them.
+The timed backward is `contender.backward(loss)`: `loss.backward()`, for triton-lean inside
+its configuration.
 
 Contenders:
     triton, torch, native   ours, `fused_linear_rank_grpo_loss(backend=...)`, rank level
     triton-token/-seq       ours at token / sequence level (the levels Liger has)
+    triton-lean             ours (triton, rank level) under the round-2 memory-lean Triton
+                            configuration LEAN_CONFIG (dhidden recomputed, 32 MiB slab), timed
+                            beside the default table in the same run
     reference               backend="reference": fp32 logits materialised, log_softmax and
                             autograd, as TRL computes per-token log-probs
     liger-token/-seq        liger-kernel's LigerFusedLinearGRPOLoss (computes the gradients
@@ -35,6 +39,7 @@ import inspect
 import torch
 
 import rankgrpo_kernels as rk
+from rankgrpo_kernels import triton_config
 
 from .inputs import Inputs
 
@@ -83,6 +88,11 @@ class Contender:
     def logp(self, inp: Inputs) -> torch.Tensor | None:
         return None
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """The timed backward (a contender whose kernels read a setting at backward time
+        applies it here too)."""
+        loss.backward()
+
     def has_logp(self) -> bool:
         """False where the no-grad pass is another contender's (the same kernel)."""
         return False
@@ -119,6 +129,33 @@ class Ours(Contender):
         with torch.no_grad():
             return rk.linear_logprobs(inp.hidden, inp.weight, inp.targets,
                                       backend=self.backend, validate=False)
+
+
+# The round-2 configuration aimed at <= 64 MiB extra at T = 32768 (docs/design.md; see
+# tools.triton_tune --plan-only): no fp32 dhidden running sum, a 32 MiB dz slab, one program
+# per SM for the split GEMMs.
+LEAN_CONFIG = "dhidden=recompute,slab_mib=32,fill=1"
+
+
+class Configured(Ours):
+    """Ours under a RANKGRPO_TRITON_CONFIG-style override, applied around each call."""
+
+    def __init__(self, name: str, spec: str):
+        super().__init__(name, "triton")
+        self.changes = triton_config.parse_spec(spec)
+        self.note = f'{self.note} with RANKGRPO_TRITON_CONFIG="{spec}"'
+
+    def loss(self, inp):
+        with triton_config.override(**self.changes):
+            return super().loss(inp)
+
+    def logp(self, inp):
+        with triton_config.override(**self.changes):
+            return super().logp(inp)
+
+    def backward(self, loss):
+        with triton_config.override(**self.changes):  # the backward selects its tiles again
+            loss.backward()
 
 
 class Reference(Ours):
@@ -346,6 +383,7 @@ def make(name: str, *, cce_cpu: bool = False, compile_cpu: bool = False) -> Cont
         "triton-seq": lambda: Ours("triton-seq", "triton", "sequence"),
         "torch": lambda: Ours("torch", "torch"),
         "native": lambda: Ours("native", "native"),
+        "triton-lean": lambda: Configured("triton-lean", LEAN_CONFIG),
         "reference": Reference,
         "liger-token": lambda: Liger("token"),
         "liger-seq": lambda: Liger("sequence"),

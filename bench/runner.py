@@ -54,7 +54,7 @@ def step_call(contender: C.Contender):
         t0 = timer.mark()
         loss = contender.loss(inp)
         t1 = timer.mark()
-        loss.backward()
+        contender.backward(loss)
         t2 = timer.mark()
         return [t0, t1, t2]
     return call

@@ -33,8 +33,9 @@ SHAPES = {
 
 # Every contender the suites know, in the order tables list them (fast ones first).
 ALL_CONTENDERS = (
-    "triton", "triton-token", "triton-seq", "torch", "native", "cce+seg", "trl-chunked+seg",
-    "compile-chunked+seg", "liger-token", "liger-seq", "liger-triton-token", "reference",
+    "triton", "triton-token", "triton-seq", "triton-lean", "torch", "native", "cce+seg",
+    "trl-chunked+seg", "compile-chunked+seg", "liger-token", "liger-seq", "liger-triton-token",
+    "reference",
 )
 
 

@@ -104,10 +104,10 @@ _override: dict = {}
 
 
 def _parse_env() -> dict:
-    return _parse_spec(os.environ.get("RANKGRPO_TRITON_CONFIG", ""))
+    return parse_spec(os.environ.get("RANKGRPO_TRITON_CONFIG", ""))
 
 
-def _parse_spec(spec: str) -> dict:
+def parse_spec(spec: str) -> dict:
     """"fwd=128x128x64w8s4,v_split=8192,..." -> Config field changes."""
     out: dict = {}
     spec = spec.strip()

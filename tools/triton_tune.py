@@ -68,7 +68,7 @@ def _measure(lt, tc, spec, h, w, y, g, reps):
         logp, lse, ent = lt.forward(h, w, y, None, 1.0, True)
         return lt.backward(h, w, y, None, 1.0, lse, ent, g, None, (True, True, False))
 
-    with tc.override(**tc._parse_spec(spec)):
+    with tc.override(**tc.parse_spec(spec)):
         t_f = _time(fwd, reps)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         cands = ["" if c.strip() in ("", "default") else c.strip()
                  for c in args.candidates.split(";")]
         for c in cands:
-            tc._parse_spec(c)  # a typo fails here, before any GPU work
+            tc.parse_spec(c)  # a typo fails here, before any GPU work
     from rankgrpo_kernels import logprobs_triton as lt
 
     if args.plan_only:
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
 def _planned_mib(lt, tc, spec: str, T: int, H: int, V: int, sms: int) -> float:
     """The backward's own buffers under `spec` (bf16 operands), from plan_backward."""
-    with tc.override(**tc._parse_spec(spec)):
+    with tc.override(**tc.parse_spec(spec)):
         cfg = tc.select(torch.bfloat16, H, V, interpret=False)
     plan = lt.plan_backward(cfg, T, H, V, 2, sms, (True, True, False))
     return plan.extra_bytes / 2**20
@@ -167,7 +167,7 @@ def _plan_only(lt, tc, args, cands) -> int:
     for name in args.shapes.split(","):
         H, V = SHAPES[name]
         for spec in cands:
-            with tc.override(**tc._parse_spec(spec)):
+            with tc.override(**tc.parse_spec(spec)):
                 cfg = tc.select(torch.bfloat16, H, V, interpret=False)
             plan = lt.plan_backward(cfg, args.tokens, H, V, 2, args.sms, (True, True, False))
             parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in plan.buffers.items())
