@@ -12,8 +12,8 @@
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh /tmp/x    (no GPU: every step in its CPU form)
 #
 # Installs nothing but the peers, and only those missing: liger-kernel, cut-cross-entropy and
-# trl (pure-Python wheels from $WHEELS, default .whl/, into a temporary folder on PYTHONPATH;
-# pip --no-index --no-deps; trl's chunked log-prob module needs none of its own extras). torch,
+# trl, with datasets, dill and multiprocess for trl's package import (pure-Python wheels from
+# $WHEELS, default .whl/, into a temporary folder on PYTHONPATH; pip --no-index --no-deps). torch,
 # triton and transformers are the machine's own. The packages are used from this checkout
 # (its root on PYTHONPATH), not installed.
 #
@@ -60,6 +60,8 @@ need=()
 "$PY" -c "import liger_kernel" >/dev/null 2>&1 || need+=("liger_kernel")
 "$PY" -c "import cut_cross_entropy" >/dev/null 2>&1 || need+=("cut_cross_entropy")
 "$PY" -c "import trl.kernels.chunked_logprob" >/dev/null 2>&1 || need+=("trl")
+# trl's package import needs datasets (and it dill and multiprocess), absent from the GPU image
+"$PY" -c "import datasets" >/dev/null 2>&1 || need+=("datasets" "dill" "multiprocess")
 if [ ${#need[@]} -gt 0 ]; then
   files=()
   for n in "${need[@]}"; do
