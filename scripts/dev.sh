@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${RANKGRPO_VENV:-.venv}
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac  # absolute: cmake runs elsewhere
 py="$venv/bin/python"
 if [ ! -x "$py" ]; then
   "${PYTHON:-python3}" -m venv "$venv"
@@ -18,7 +19,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   "$py" -m pip install -q -e ".[dev]"
   echo "$want" > "$stamp"
 fi
-export PATH="$PWD/$venv/bin:$PATH"
+export PATH="$venv/bin:$PATH"
 job=${1:-}
 shift || true
 case "$job" in
@@ -28,7 +29,7 @@ case "$job" in
   test)
     # The optional native op library is built when cmake is there, so its parity suite runs.
     if command -v cmake >/dev/null 2>&1 && [ -f CMakeLists.txt ]; then
-      cmake -S . -B build -DPython_EXECUTABLE="$PWD/$py" >build.log 2>&1 \
+      cmake -S . -B build -DPython_EXECUTABLE="$py" >build.log 2>&1 \
         && cmake --build build -j2 >>build.log 2>&1 \
         || { echo "native build failed (see build.log)"; [ -z "${CI:-}" ] || exit 1; }
     fi
