@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The one script for a GPU machine without network access (issue 15's round 2), about 7
-# minutes on an H100/H200 by its budgets:
+# The one script for a GPU machine without network access, about 9 minutes on an H100/H200
+# by its budgets (the standard suite with every contender needs ~5 of them):
 #   1. card.txt: date, commit, card, driver, versions (written first: it survives a cut run)
 #   2. pytest -m gpu: every GPU test, T = 131072 parity on the 0.5B and 7B heads included
 #   3. round 2: dhidden "accumulate" vs "recompute" (and memory-lean variants): time, TFLOP/s,
 #      share of the matmul rate, extra peak memory, at T = 8192 and 32768 on the three heads,
 #      then T = 131072 on the 0.5B and 7B heads (tools/triton_tune -> round2.json)
-#   4. the standard suite with every contender, within what is left of the budget
+#   4. accuracy: every contender against float64 on the same inputs (bench.accuracy)
+#   5. the standard suite with every contender, within what is left of the budget
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      (OUT_DIR: default $OUT, else bench/out/gpu_check)
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh /tmp/x    (no GPU: every step in its CPU form)
@@ -18,11 +19,13 @@
 # (its root on PYTHONPATH), not installed.
 #
 # Writes at most 8 files into OUT_DIR (the device tool returns 8): gpu_check.log (everything
-# printed), card.txt, round2.json, results.json, table.md, time_vs_T.png, memory_vs_T.png.
+# printed), card.txt, round2.json, accuracy.json, results.json, table.md, time_vs_T.png,
+# memory_vs_T.png.
 #
 # Environment: PYTHON (default python3), WHEELS, GPU_CHECK_BUDGET_S (whole script, default
-# 420), PYTEST_BUDGET_S (default 200: 18 GPU tests took 153 s on an H200), ROUND2_BUDGET_S
-# (default 85), LONG_BUDGET_S (default 35; each 0 skips its step), RANKGRPO_COMMIT (recorded when the checkout has no .git), BENCH_SUITE (default
+# 540), PYTEST_BUDGET_S (default 200: 18 GPU tests took 153 s on an H200), ROUND2_BUDGET_S
+# and LONG_BUDGET_S (default 0: measured on 2026-11-29; 85 and 35 rerun them),
+# ACCURACY_BUDGET_S (default 60; a budget of 0 skips its step), RANKGRPO_COMMIT (recorded when the checkout has no .git), BENCH_SUITE (default
 # standard), BENCH_ARGS (extra arguments for python -m bench), ROUND2_CANDIDATES,
 # LONG_CANDIDATES (';'-separated RANKGRPO_TRITON_CONFIG strings).
 set -uo pipefail
@@ -38,10 +41,12 @@ exec > >(tee "$LOG") 2>&1
 
 PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY_RUN:-0}
-TOTAL=${GPU_CHECK_BUDGET_S:-420}
+TOTAL=${GPU_CHECK_BUDGET_S:-540}
 PYTEST_BUDGET=${PYTEST_BUDGET_S:-200}
-ROUND2_BUDGET=${ROUND2_BUDGET_S:-85}
-LONG_BUDGET=${LONG_BUDGET_S:-35}
+# Round 2 was measured on 2026-11-29 (bench/results/2026-11-29-h200-round2/): off unless asked
+ROUND2_BUDGET=${ROUND2_BUDGET_S:-0}
+LONG_BUDGET=${LONG_BUDGET_S:-0}
+ACCURACY_BUDGET=${ACCURACY_BUDGET_S:-60}
 SUITE=${BENCH_SUITE:-standard}
 WHEELS=${WHEELS:-$REPO/.whl}
 ROUND2=${ROUND2_CANDIDATES:-"default;dhidden=recompute;dhidden=recompute,slab_mib=64;dhidden=recompute,slab_mib=32,fill=1"}
@@ -171,6 +176,22 @@ else
 fi
 echo "round 2 exits: T=8192 $R2A, T=32768 $R2B, T=131072 $R2C [$(elapsed) s]"
 
+# 5b. Accuracy: every contender's loss, gradients and log-probs against float64, same inputs.
+echo; echo "== accuracy against float64 (at most ${ACCURACY_BUDGET} s) [$(elapsed) s]"
+ACC_RC=-
+if [ "$ACCURACY_BUDGET" -gt 0 ]; then
+  ACC=("$PY" -m bench.accuracy --out "$OUT_DIR")
+  if [ "$DRY" != "0" ]; then
+    ACC+=(--device cpu --dtype float32 --shape small --tokens 256 --completion-len 128)
+  else
+    ACC+=(--device cuda --tokens 4096 --completion-len 1024)
+  fi
+  timeout -k 5 "$ACCURACY_BUDGET" "${ACC[@]}"
+  ACC_RC=$?
+else
+  echo "skipped (ACCURACY_BUDGET_S=0)"
+fi
+
 # 6. The standard suite, every contender, within what is left (40 s kept for the end).
 BUDGET=$(( TOTAL - $(elapsed) - 40 ))
 [ "$BUDGET" -lt 60 ] && BUDGET=60
@@ -185,7 +206,7 @@ fi
 
 # 7. Summary, the short tables last.
 echo; echo "== gpu_check done in $(elapsed) s: pytest -m gpu $PYTEST_STATUS; round 2 exits" \
-  "$R2A/$R2B/$R2C; bench exit $BENCH_RC"
+  "$R2A/$R2B/$R2C; accuracy exit $ACC_RC; bench exit $BENCH_RC"
 echo "files: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
 if [ -s "$OUT_DIR/round2.json" ]; then
   "$PY" - "$OUT_DIR/round2.json" <<'EOF'
