@@ -46,7 +46,8 @@ def test_a_wrong_contender_is_reported_wrong(rng):
     oracle = A.Float64Oracle(inp)
     cell = A.measure_contender(_Off("off", "torch"), inp, oracle, torch.device("cpu"))
     assert cell["status"] == "ok"
-    assert cell["loss_abs_err"] > 0.019
+    shift = abs(0.01 * cell["loss_float64"] + 0.02)  # what loss * 1.01 + 0.02 moves it by
+    assert cell["loss_abs_err"] == pytest.approx(shift, rel=1e-3, abs=1e-6)
     assert cell["logp_max_err"] == pytest.approx(0.03, rel=1e-3)
     assert cell["dhidden_rel_err"] == pytest.approx(0.01, rel=1e-3)
     assert cell["dweight_rel_err"] == pytest.approx(0.01, rel=1e-3)
