@@ -35,7 +35,7 @@ import torch
 import rankgrpo_kernels as rk
 
 from . import contenders as C
-from .env import environment
+from .env import environment, machine_free
 from .inputs import Inputs, make_inputs
 from .report import check_no_absolute_paths
 from .suites import ALL_CONTENDERS, SHAPES, parse_contenders, parse_shapes
@@ -127,7 +127,7 @@ def measure_contender(contender: C.Contender, inp: Inputs, oracle: Float64Oracle
                 out["logp_mean_err"] = float(d.mean())
         out["status"] = "ok"
     except Exception as err:  # noqa: BLE001 - a failing peer is a result, not a crash
-        out.update(status="error", reason=f"{type(err).__name__}: {str(err)[:300]}")
+        out.update(status="error", reason=machine_free(f"{type(err).__name__}: {str(err)[:300]}"))
     finally:
         inp.clear_grads()
     return out

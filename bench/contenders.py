@@ -97,6 +97,9 @@ class Contender:
         """False where the no-grad pass is another contender's (the same kernel)."""
         return False
 
+    # whose no-grad pass this contender's is, when has_logp() is False
+    logp_same_as = "the contender's other level"
+
     def _adv(self, inp: Inputs) -> torch.Tensor:
         return inp.adv_rank if self.level == "rank" else inp.adv_row
 
@@ -148,6 +151,14 @@ class Configured(Ours):
     def loss(self, inp):
         with triton_config.override(**self.changes):
             return super().loss(inp)
+
+    # Config fields the no-grad forward reads; the others (dz slab, dhidden mode, splits of
+    # the backward GEMMs) change the backward only, whose forward is then triton's own.
+    FORWARD_FIELDS = frozenset({"fwd", "v_split", "group", "combine_rows", "combine_k"})
+    logp_same_as = "triton's (the configuration changes the backward only)"
+
+    def has_logp(self):
+        return bool(self.FORWARD_FIELDS & self.changes.keys())
 
     def logp(self, inp):
         with triton_config.override(**self.changes):

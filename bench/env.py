@@ -6,8 +6,10 @@ import datetime as dt
 import importlib.metadata
 import os
 import platform
+import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -109,6 +111,22 @@ def environment(device: torch.device) -> dict:
     else:
         info["machine"] = f"CPU, {cores} cores ({info['cpu']})"
     return info
+
+
+def machine_free(text: str) -> str:
+    """`text` (a traceback, an error message) with this machine's folders replaced: the
+    checkout's root dropped (paths become checkout-relative), the Python environment's package
+    and standard-library folders written `<site-packages>` and `<python>`."""
+    folders = {str(REPO): ""}
+    paths = sysconfig.get_paths()
+    for key in ("purelib", "platlib"):
+        folders[paths[key]] = "<site-packages>"
+    for p in site.getsitepackages() + [site.getusersitepackages()]:
+        folders.setdefault(p, "<site-packages>")
+    folders.setdefault(paths["stdlib"], "<python>")
+    for folder in sorted(folders, key=len, reverse=True):  # the most specific first
+        text = text.replace(folder + os.sep, folders[folder] + "/" if folders[folder] else "")
+    return text
 
 
 def repo_relative(path: Path) -> str:

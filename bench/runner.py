@@ -95,7 +95,7 @@ def measure_cell(contender: C.Contender, sets: list[Inputs], suite: Suite,
     cell["step"] = st
     cell["note"] = contender.note
     if not contender.has_logp():
-        cell["logp"] = {"status": "n/a", "reason": "same pass as the contender's other level"}
+        cell["logp"] = {"status": "n/a", "reason": f"same pass as {contender.logp_same_as}"}
         return cell
     try:
         lp = measure(logp_call(contender), sets, phases=("logp",), device=device,
@@ -116,8 +116,9 @@ def measure_cell(contender: C.Contender, sets: list[Inputs], suite: Suite,
 def failure(err: BaseException) -> dict:
     if is_oom(err):
         return {"status": "OOM", "reason": str(err).splitlines()[0][:200]}
-    return {"status": "error", "reason": f"{type(err).__name__}: {str(err)[:300]}",
-            "traceback": traceback.format_exc(limit=6)}
+    return {"status": "error",
+            "reason": E.machine_free(f"{type(err).__name__}: {str(err)[:300]}"),
+            "traceback": E.machine_free(traceback.format_exc(limit=6))}
 
 
 def segment_table(sets: list[Inputs], suite: Suite, device: torch.device,

@@ -141,12 +141,44 @@ def test_results_never_record_an_absolute_path(tmp_path):
     assert repo_relative(Path("/somewhere/else/out")) == "<outside-checkout>/out"
 
 
+def test_failure_tracebacks_name_no_folder_of_this_machine():
+    import torch
+
+    def fails_in_torch():
+        torch.ones(2, requires_grad=True).backward()  # raises inside torch's Python code
+
+    try:
+        fails_in_torch()
+    except RuntimeError as err:
+        cell = runner.failure(err)
+    tb = cell["traceback"]
+    assert 'File "tests/test_bench_smoke.py"' in tb, tb      # checkout-relative
+    assert 'File "<site-packages>/torch/' in tb, tb          # the environment, unnamed
+    assert str(REPO) not in tb and 'File "/' not in tb, tb
+
+
+def _tracebacks(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "traceback" and isinstance(v, str):
+                yield v
+            else:
+                yield from _tracebacks(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _tracebacks(v)
+
+
 def test_recorded_runs_name_no_absolute_path():
-    """Every committed results.json (their path fields were made checkout-relative)."""
+    """Every committed results.json (their path fields were made checkout-relative), the
+    frames of its failure tracebacks included."""
     runs = sorted((REPO / "bench" / "results").glob("*/results.json"))
     assert runs
     for path in runs:
-        report.check_no_absolute_paths(json.loads(path.read_text()), str(path.parent.name))
+        res = json.loads(path.read_text())
+        report.check_no_absolute_paths(res, str(path.parent.name))
+        for tb in _tracebacks(res):
+            assert 'File "/' not in tb, (path.parent.name, tb[:300])
 
 
 def test_memory_beyond_outputs_is_never_negative():
@@ -155,3 +187,22 @@ def test_memory_beyond_outputs_is_never_negative():
     extra, note = beyond_outputs(0, 4096)
     assert extra is None and "below resolution" in note
     assert beyond_outputs(None, 10)[0] is None
+
+
+def test_configured_contender_applies_its_setting_in_the_backward_too():
+    import torch
+
+    from bench import contenders as C
+    from rankgrpo_kernels import triton_config
+
+    lean = C.make("triton-lean")
+    seen = []
+    x = torch.ones(3, requires_grad=True)
+    x.register_hook(lambda g: seen.append(
+        triton_config.select(torch.bfloat16, 64, 1024, interpret=False).dhidden))
+    lean.backward(x.sum())
+    assert seen == ["recompute"]  # the Triton backward reads its config at backward time
+    assert triton_config.select(torch.bfloat16, 64, 1024, interpret=False).dhidden == "accumulate"
+    # its no-grad pass is triton's own unless the spec changes the forward
+    assert not lean.has_logp() and "backward only" in lean.logp_same_as
+    assert C.Configured("x", "v_split=4096").has_logp()
