@@ -50,6 +50,7 @@ from .teacher import (
     HFTeacher,
     Teacher,
     conversation_of,
+    fingerprint_for,
     recommend_prompt,
 )
 
@@ -142,11 +143,12 @@ class AnswerCache:
 
     def __init__(self, folder: Path, teacher: Teacher):
         self.folder = folder
-        self.prefix = json.dumps(teacher.fingerprint(), sort_keys=True)
+        self.teacher = teacher
         self.hits = 0
 
     def _path(self, kind: str, request: Any) -> Path:
-        blob = json.dumps([self.prefix, kind, request], sort_keys=True, ensure_ascii=False)
+        prefix = json.dumps(fingerprint_for(self.teacher, kind), sort_keys=True)
+        blob = json.dumps([prefix, kind, request], sort_keys=True, ensure_ascii=False)
         return self.folder / kind / f"{hashlib.sha256(blob.encode()).hexdigest()[:32]}.json"
 
     def get(self, kind: str, request: Any) -> Any:

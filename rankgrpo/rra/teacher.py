@@ -35,6 +35,20 @@ from .reflect import Ratings, parse_ratings, rate_prompt
 _MARK = "Here is the conversation: "
 
 
+# Fingerprint keys that only concern ratings: a list answer is keyed without them, so a
+# change of rating settings re-asks no list (see `fingerprint_for`).
+RATE_ONLY_KEYS = ("rate_max_new_tokens", "rate_decoding")
+
+
+def fingerprint_for(teacher: Teacher, kind: str) -> dict[str, Any]:
+    """What identifies `teacher`'s answers of `kind` ("recommend" or "rate")."""
+    fp = dict(teacher.fingerprint())
+    if kind == "recommend":
+        for k in RATE_ONLY_KEYS:
+            fp.pop(k, None)
+    return fp
+
+
 class TeacherError(RuntimeError):
     """A teacher that cannot answer (endpoint down after retries, bad reply, ...)."""
 
@@ -164,7 +178,8 @@ class HFTeacher(_PromptTeacher):
         return cls(model, tok, name=name, **kw)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"kind": "hf", "name": self.name, "max_new_tokens": self.max_new_tokens,
+        return {"kind": "hf", "name": self.name, "dtype": str(self.model.dtype).split(".")[-1],
+                "max_new_tokens": self.max_new_tokens,
                 "rate_max_new_tokens": self.rate_max_new_tokens, "decoding": "greedy"}
 
     def _ids(self, prompt: str) -> list[int]:
