@@ -131,6 +131,23 @@ def test_end_to_end_tiny_teacher(tmp_path, small_catalog, embedder, tiny_teacher
     assert (tmp_path / "out" / "sft.jsonl").read_text() == first
 
 
+@pytest.mark.slow  # ~10 s
+def test_expected_ratings_end_to_end(tmp_path, small_catalog, embedder, tiny_teacher):
+    """rate_decoding=expected: every candidate gets a rating, none missing or garbled (the
+    fractional answers pass the parser), and the teacher is named so in the manifest."""
+    teacher = HFTeacher(tiny_teacher.model, tiny_teacher.tokenizer, name="tiny",
+                        batch_size=8, max_new_tokens=40, rate_max_new_tokens=40,
+                        rate_decoding="expected")
+    man = run_rra(_cfg(tmp_path, small_catalog, eval_file=None, adjust=False,
+                       rate_decoding="expected"), teacher=teacher, embedder=embedder)
+    counts = man["train"]["counts"]
+    assert counts["reflect candidates"] == 5 * counts["reflect rated conversations"] > 0
+    assert counts["reflect ratings missing (scored 0)"] == 0
+    assert counts["reflect garbled lines"] == 0
+    assert counts["reflect nonzero ratings"] > 0
+    assert man["teacher"]["rate_decoding"] == "expected"
+
+
 def test_scripted_teacher_grounds_the_ground_truth(tmp_path, small_catalog, embedder):
     teacher = ScriptedTeacher()
     man = run_rra(_cfg(tmp_path, small_catalog, adjust=False), teacher=teacher,
@@ -169,6 +186,34 @@ def test_conversation_longer_than_context_is_a_counted_skip(tmp_path, small_cata
     skipped = man["train"]["skips"].get("conversation longer than the teacher's context", 0)
     assert 0 < skipped < N_TRAIN
     assert man["train"]["written"] == N_TRAIN - skipped
+
+
+def test_rating_request_longer_than_context_is_a_counted_skip(tmp_path, small_catalog,
+                                                                embedder):
+    """A rating request that does not fit keeps its row's remap scores and is counted; the
+    other requests of its batch are still rated."""
+    from rankgrpo.rra.teacher import ContextTooLong
+
+    train = load_default_redial("train")[:N_TRAIN]
+    long = {conversation_of(train[i]).text for i in (1, 4)}
+
+    class Tight(ScriptedTeacher):
+        def rate_raw_many(self, conversations, candidates):
+            if any(c.text in long for c in conversations):
+                raise ContextTooLong("a rating request does not fit")
+            return [self.rate_raw(c, cands) for c, cands in zip(conversations, candidates)]
+
+        def rate_raw(self, conversation, candidates):
+            if conversation.text in long:
+                raise ContextTooLong("does not fit")
+            return super().rate_raw(conversation, candidates)
+
+    man = run_rra(_cfg(tmp_path, small_catalog, eval_file=None, adjust=False), teacher=Tight(),
+                  embedder=embedder)
+    counts = man["train"]["counts"]
+    assert counts["reflect skipped: request longer than the teacher's context"] == 2
+    assert counts["reflect rated conversations"] == N_TRAIN - 2
+    assert man["train"]["written"] == N_TRAIN
 
 
 def test_cooccurrence_teacher_skips_reflect(tmp_path, small_catalog, embedder):

@@ -15,6 +15,10 @@ import yaml
 from ..config import ConfigError, _coerce, _field_types, _suggest
 
 TEACHERS = ("hf", "endpoint", "cooccurrence")
+# free: the teacher writes its rating answer (greedy); constrained: the answer's format is fed
+# and only the rating is decoded, among {-2, ..., 2}; expected: the same, the rating being the
+# mean under the model's distribution over {-2, ..., 2} (rankgrpo.rra.constrained)
+RATE_DECODINGS = ("free", "constrained", "expected")
 
 
 @dataclass
@@ -37,6 +41,11 @@ class RRAConfig:
     retry_backoff: float = 1.0  # seconds, doubled after each failed try
     max_new_tokens: int = 256  # for a list
     rate_max_new_tokens: int = 1024  # for the ratings of reflect_top candidates
+    # hf: free (the teacher writes `title (year)####rating` lines), constrained (the lines are
+    # fed, only each rating is decoded greedily among -2..2; for teachers that cannot keep the
+    # format) or expected (as constrained, the rating being the mean over -2..2 under the
+    # model's restricted distribution: fractional, unlike the paper's)
+    rate_decoding: str = "free"
     # data
     train_file: str = "redial:train"  # records to turn into SFT data (redial:SPLIT = shipped)
     eval_file: str | None = "redial:test"  # held-out records for the ablation (null: none)
@@ -66,6 +75,13 @@ class RRAConfig:
     def validate(self) -> RRAConfig:
         if self.teacher not in TEACHERS:
             raise ConfigError(f"rra.teacher={self.teacher!r}: expected one of {TEACHERS}")
+        if self.rate_decoding not in RATE_DECODINGS:
+            raise ConfigError(f"rra.rate_decoding={self.rate_decoding!r}: expected one of "
+                              f"{RATE_DECODINGS}")
+        if self.rate_decoding != "free" and self.teacher != "hf":
+            raise ConfigError(f"rra.rate_decoding={self.rate_decoding} needs rra.teacher=hf "
+                              f"(a local model whose decoding can be steered), got "
+                              f"{self.teacher!r}")
         if self.teacher == "endpoint" and not (self.endpoint_url and self.endpoint_model):
             raise ConfigError("rra.teacher=endpoint needs rra.endpoint_url and "
                               "rra.endpoint_model")

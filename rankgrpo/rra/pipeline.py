@@ -132,7 +132,8 @@ def build_teacher(cfg: RRAConfig, train_records: Sequence[Mapping[str, Any]], ca
                                  dtype=cfg.teacher_dtype, batch_size=cfg.teacher_batch_size,
                                  max_new_tokens=cfg.max_new_tokens,
                                  rate_max_new_tokens=cfg.rate_max_new_tokens,
-                                 max_context=cfg.teacher_max_context)
+                                 max_context=cfg.teacher_max_context,
+                                 rate_decoding=cfg.rate_decoding)
 
 
 # ---------------------------------------------------------------- cache
@@ -293,23 +294,34 @@ def score_split(records: Sequence[Mapping[str, Any]], teacher: Teacher, embedder
     top = min(cfg.reflect_top, c)
     bar = _bar(range(len(res.kept)), len(res.kept), f"{desc}: reflect", cfg.disable_tqdm)
     pending: list[tuple[int, list[int], list[tuple[str, int]]]] = []
+    fractional = getattr(teacher, "rate_decoding", "free") == "expected"
 
     def flush():
         if not pending:
             return
         convs = [conversation_of(records[res.kept[j]]) for j, _, _ in pending]
         raw_many = getattr(teacher, "rate_raw_many", None)
-        if raw_many is not None:
+        try:
+            if raw_many is None:
+                raise ContextTooLong  # ask one by one below
             answers = raw_many(convs, [cands for _, _, cands in pending])
-        else:
-            answers = [teacher.rate_raw(cv, cands) for cv, (_, _, cands) in zip(convs, pending)]
+        except ContextTooLong:  # find the request that does not fit, keep the others
+            answers = []
+            for cv, (_, _, cands) in zip(convs, pending):
+                try:
+                    answers.append(teacher.rate_raw(cv, cands))
+                except ContextTooLong:
+                    answers.append(None)
         for cv, (j, ids, cands), ans in zip(convs, pending, answers):
+            if ans is None:  # its row keeps the remap scores
+                res.counts["reflect skipped: request longer than the teacher's context"] += 1
+                continue
             cache.put("rate", [cv.text, [list(x) for x in cands]], ans)
             _apply_rating(j, ids, cands, ans)
         pending.clear()
 
     def _apply_rating(j, ids, cands, ans):
-        r = parse_ratings(ans, cands)
+        r = parse_ratings(ans, cands, fractional=fractional)
         res.counts["reflect rated conversations"] += 1
         res.counts["reflect candidates"] += len(cands)
         res.counts["reflect ratings missing (scored 0)"] += r.missing

@@ -21,7 +21,7 @@ from ..parsing import parse_line
 
 RATINGS = (-2, -1, 0, 1, 2)
 _SEP = re.compile(r"#{2,4}")
-_RATING = re.compile(r"^\s*([+-]?\d+)(?:\s*/\s*\d+)?\s*[.)*]*\s*$")
+_RATING = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)(?:\s*/\s*\d+)?\s*[.)*]*\s*$")
 
 RATE_PROMPT = (
     "Pretend you are a movie recommender system.\n"
@@ -49,7 +49,7 @@ class Ratings:
     with no readable rating, `garbled` counts answer lines that could not be used.
     """
 
-    ratings: list[int]
+    ratings: list[float]  # ints, or fractional ones from `parse_ratings(fractional=True)`
     missing: int = 0
     garbled: int = 0
     garbled_lines: list[str] = field(default_factory=list)
@@ -67,10 +67,13 @@ def _match(item: tuple[str, int] | None, title_only: str | None,
     return None
 
 
-def parse_ratings(text: str, candidates: Sequence[tuple[str, int]]) -> Ratings:
+def parse_ratings(text: str, candidates: Sequence[tuple[str, int]], *,
+                  fractional: bool = False) -> Ratings:
     """Ratings in {-2..2} for `candidates` from a teacher's `title (year)####rating` lines.
 
-    The first readable rating of a candidate wins; later repeats count as garbled.
+    The first readable rating of a candidate wins; later repeats count as garbled. With
+    `fractional` (the answers of `rate_decoding=expected`) a rating may be any number in
+    [-2, 2]; otherwise a fractional one is garbled.
     """
     exact = {(str(t), int(y)): i for i, (t, y) in reversed(list(enumerate(candidates)))}
     by_title: dict[str, list[int]] = {}
@@ -87,7 +90,9 @@ def parse_ratings(text: str, candidates: Sequence[tuple[str, int]]) -> Ratings:
             continue
         head, tail = "#".join(parts[:-1]), parts[-1]
         m = _RATING.match(tail)
-        if m is None or int(m.group(1)) not in RATINGS:
+        value = float(m.group(1)) if m else None
+        if value is None or not (RATINGS[0] <= value <= RATINGS[-1]) or (
+                not fractional and not value.is_integer()):
             garbled.append(line)
             continue
         item = parse_line(head)
@@ -95,7 +100,7 @@ def parse_ratings(text: str, candidates: Sequence[tuple[str, int]]) -> Ratings:
         if idx is None or idx in got:
             garbled.append(line)
             continue
-        got[idx] = int(m.group(1))
+        got[idx] = int(value) if value.is_integer() else value
     ratings = [got.get(i, 0) for i in range(len(candidates))]
     return Ratings(ratings, missing=len(candidates) - len(got), garbled=len(garbled),
                    garbled_lines=garbled[:5])
@@ -108,7 +113,8 @@ def reflect_scores(remap: torch.Tensor, candidate_ids: Sequence[int], ratings: S
     Args:
         remap: [C] remap scores of one conversation.
         candidate_ids: catalog columns of the rated candidates.
-        ratings: one rating in {-2..2} per candidate.
+        ratings: one rating in [-2, 2] per candidate (an integer, or fractional from
+            `rate_decoding=expected`).
     Returns:
         [C] tensor (a new one; `remap` is not modified).
     """
@@ -116,9 +122,9 @@ def reflect_scores(remap: torch.Tensor, candidate_ids: Sequence[int], ratings: S
         raise ValueError(f"{len(candidate_ids)} candidates but {len(ratings)} ratings")
     r = torch.zeros_like(remap)
     if len(candidate_ids):
-        bad = [x for x in ratings if x not in RATINGS]
+        bad = [x for x in ratings if not RATINGS[0] <= x <= RATINGS[-1]]
         if bad:
-            raise ValueError(f"ratings must be in {RATINGS}, got {bad[:5]}")
+            raise ValueError(f"ratings must be in [{RATINGS[0]}, {RATINGS[-1]}], got {bad[:5]}")
         r[torch.as_tensor(list(candidate_ids), dtype=torch.long)] = torch.as_tensor(
             list(ratings), dtype=remap.dtype)
     return remap + gamma * r

@@ -30,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..fileio import atomic_write_text
 from ..prompts import PROMPT_PREFIX
 from ..records import prompt_text
+from .config import RATE_DECODINGS
 from .reflect import Ratings, parse_ratings, rate_prompt
 
 _MARK = "Here is the conversation: "
@@ -137,7 +138,8 @@ class _PromptTeacher:
 
     def rate(self, conversation: Conversation,
              candidates: Sequence[tuple[str, int]]) -> Ratings:
-        return parse_ratings(self.rate_raw(conversation, candidates), candidates)
+        return parse_ratings(self.rate_raw(conversation, candidates), candidates,
+                             fractional=getattr(self, "rate_decoding", "free") == "expected")
 
 
 class HFTeacher(_PromptTeacher):
@@ -151,10 +153,15 @@ class HFTeacher(_PromptTeacher):
 
     def __init__(self, model, tokenizer, *, name: str = "hf", batch_size: int = 4,
                  max_new_tokens: int = 256, rate_max_new_tokens: int = 1024,
-                 max_context: int | None = None):
+                 max_context: int | None = None, rate_decoding: str = "free"):
         super().__init__(max_new_tokens=max_new_tokens, rate_max_new_tokens=rate_max_new_tokens)
+        if rate_decoding not in RATE_DECODINGS:
+            raise ValueError(f"rate_decoding={rate_decoding!r}: expected one of "
+                             f"{RATE_DECODINGS}")
         self.model, self.tokenizer = model, tokenizer
         self.name, self.batch_size = name, int(batch_size)
+        self.rate_decoding = rate_decoding
+        self._trie = None
         self.max_context = int(max_context or getattr(model.config, "max_position_embeddings",
                                                       0) or 1 << 30)
 
@@ -180,7 +187,35 @@ class HFTeacher(_PromptTeacher):
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "hf", "name": self.name, "dtype": str(self.model.dtype).split(".")[-1],
                 "max_new_tokens": self.max_new_tokens,
-                "rate_max_new_tokens": self.rate_max_new_tokens, "decoding": "greedy"}
+                "rate_max_new_tokens": self.rate_max_new_tokens, "decoding": "greedy",
+                "rate_decoding": self.rate_decoding}
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def rate_raw(self, conversation: Conversation,
+                 candidates: Sequence[tuple[str, int]]) -> str:
+        if self.rate_decoding == "free":
+            return super().rate_raw(conversation, candidates)
+        from .constrained import answer_text, candidate_segments, rate_constrained, rating_trie
+
+        if self._trie is None:
+            self._trie = rating_trie(self._encode)
+        ids = self._ids(rate_prompt(conversation.text, candidates))
+        segs = candidate_segments(self._encode, candidates)
+        n = len(ids) + sum(map(len, segs)) + 2 * len(segs)
+        if n > self.max_context:
+            raise ContextTooLong(f"rating request of about {n} tokens exceeds the teacher's "
+                                 f"context of {self.max_context} tokens")
+        ratings, _ = rate_constrained(self.model, ids, segs, self._trie,
+                                      expected=self.rate_decoding == "expected")
+        return answer_text(candidates, ratings)
+
+    def rate_raw_many(self, conversations: Sequence[Conversation],
+                      candidates: Sequence[Sequence[tuple[str, int]]]) -> list[str]:
+        if self.rate_decoding == "free":
+            return super().rate_raw_many(conversations, candidates)
+        return [self.rate_raw(c, cands) for c, cands in zip(conversations, candidates)]
 
     def _ids(self, prompt: str) -> list[int]:
         from ..encoding import encode_prompt
