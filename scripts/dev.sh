@@ -13,7 +13,8 @@ if [ ! -x "$py" ]; then
   "${PYTHON:-python3}" -m venv "$venv"
 fi
 stamp="$venv/.rankgrpo-install"
-want=$(cat pyproject.toml | sha1sum | cut -c1-40)
+# keyed by this checkout too: a venv shared by several clones is re-pointed to the one running
+want=$( (cat pyproject.toml; echo "$PWD") | sha1sum | cut -c1-40)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
   "$py" -m pip install -q -e ".[dev]"
