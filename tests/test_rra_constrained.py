@@ -122,7 +122,7 @@ def test_expected_ratings_equal_the_restricted_distribution(tok, seed):
         neg = _restricted(after, [digits[1], digits[2]])
         want = (sum(v * top[digits[v]] for v in (1, 2))
                 - top[minus] * (neg[digits[1]] + 2 * neg[digits[2]]))
-        assert m == pytest.approx(want, abs=2e-4)  # the answer keeps 4 decimals
+        assert m == pytest.approx(want, abs=6e-5)  # 4 decimals kept: 5e-5, plus float noise
         seq += toks
     assert any(float(m) != float(round(m)) for m in mean)
     text = answer_text(ITEMS, mean)
@@ -160,7 +160,7 @@ def test_config_checks_rate_decoding():
         RRAConfig(rate_decoding="greedy").validate()
     with pytest.raises(ConfigError, match="needs rra.teacher=hf"):
         RRAConfig(rate_decoding="constrained", teacher="cooccurrence").validate()
-    with pytest.raises(ConfigError, match="expected=.*needs rra.teacher=hf|needs rra.teacher"):
+    with pytest.raises(ConfigError, match="rate_decoding=expected needs rra.teacher=hf"):
         RRAConfig(rate_decoding="expected", teacher="endpoint", endpoint_url="http://x",
                   endpoint_model="m").validate()
     assert RRAConfig(rate_decoding="constrained").validate().rate_decoding == "constrained"

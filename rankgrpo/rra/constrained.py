@@ -18,6 +18,7 @@ ratings and is reported as such.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,15 +55,19 @@ def rating_trie(encode: Callable[[str], list[int]],
     return root
 
 
-def _forward(model, ids: list[int], past):
+@functools.cache
+def _cache_keywords(model_class: type) -> tuple[str, dict[str, int]]:
     # transformers >= 5.2x names the key/value cache `cache` (in and out); earlier versions
     # `past_key_values`; `logits_to_keep` (only the last position's logits) is newer than 4.44
-    params = inspect.signature(model.forward).parameters
+    params = inspect.signature(model_class.forward).parameters
     name = "cache" if "cache" in params else "past_key_values"
-    kw = {name: past, "use_cache": True}
-    if "logits_to_keep" in params:
-        kw["logits_to_keep"] = 1
-    out = model(input_ids=torch.tensor([ids], device=model.device), **kw)
+    return name, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+def _forward(model, ids: list[int], past):
+    name, extra = _cache_keywords(type(model))
+    out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True,
+                **{name: past}, **extra)
     return out.logits[0, -1].float(), getattr(out, name)
 
 

@@ -188,6 +188,23 @@ class Scored:
     counts: Counter = field(default_factory=Counter)
 
 
+def _each_that_fits(ask_batch, ask_one, items: Sequence[Any]) -> list[Any]:
+    """`ask_batch(items)`; when a request does not fit the teacher's context (or there is no
+    batch call), each item alone, None for the ones that do not fit."""
+    if ask_batch is not None:
+        try:
+            return ask_batch(items)
+        except ContextTooLong:
+            pass
+    out = []
+    for it in items:
+        try:
+            out.append(ask_one(it))
+        except ContextTooLong:
+            out.append(None)
+    return out
+
+
 def teacher_lists(records: Sequence[Mapping[str, Any]], teacher: Teacher, cache: AnswerCache,
                   cfg: RRAConfig, desc: str) -> tuple[list[str | None], Counter]:
     """Raw list text per record (None for a skipped one) and the skip reasons."""
@@ -214,15 +231,8 @@ def teacher_lists(records: Sequence[Mapping[str, Any]], teacher: Teacher, cache:
                cfg.disable_tqdm)
     for s in bar:
         idx = todo[s:s + step]
-        try:
-            texts = teacher.recommend([convs[i] for i in idx], n)
-        except ContextTooLong:
-            texts = []
-            for i in idx:  # find the one that does not fit, keep the others
-                try:
-                    texts.append(teacher.recommend([convs[i]], n)[0])
-                except ContextTooLong:
-                    texts.append(None)
+        texts = _each_that_fits(lambda ids: teacher.recommend([convs[i] for i in ids], n),
+                                lambda i: teacher.recommend([convs[i]], n)[0], idx)
         if len(texts) != len(idx):
             raise RRAError(f"teacher {teacher.name!r} returned {len(texts)} lists for "
                            f"{len(idx)} conversations")
@@ -294,24 +304,17 @@ def score_split(records: Sequence[Mapping[str, Any]], teacher: Teacher, embedder
     top = min(cfg.reflect_top, c)
     bar = _bar(range(len(res.kept)), len(res.kept), f"{desc}: reflect", cfg.disable_tqdm)
     pending: list[tuple[int, list[int], list[tuple[str, int]]]] = []
-    fractional = getattr(teacher, "rate_decoding", "free") == "expected"
+    fractional = getattr(teacher, "fractional_ratings", False)
 
     def flush():
         if not pending:
             return
         convs = [conversation_of(records[res.kept[j]]) for j, _, _ in pending]
         raw_many = getattr(teacher, "rate_raw_many", None)
-        try:
-            if raw_many is None:
-                raise ContextTooLong  # ask one by one below
-            answers = raw_many(convs, [cands for _, _, cands in pending])
-        except ContextTooLong:  # find the request that does not fit, keep the others
-            answers = []
-            for cv, (_, _, cands) in zip(convs, pending):
-                try:
-                    answers.append(teacher.rate_raw(cv, cands))
-                except ContextTooLong:
-                    answers.append(None)
+        requests = [(cv, cands) for cv, (_, _, cands) in zip(convs, pending)]
+        answers = _each_that_fits(
+            raw_many and (lambda rs: raw_many([c for c, _ in rs], [k for _, k in rs])),
+            lambda r: teacher.rate_raw(*r), requests)
         for cv, (j, ids, cands), ans in zip(convs, pending, answers):
             if ans is None:  # its row keeps the remap scores
                 res.counts["reflect skipped: request longer than the teacher's context"] += 1

@@ -98,6 +98,7 @@ class _PromptTeacher:
 
     can_rate = True
     name = "llm"
+    fractional_ratings = False  # answers rate in {-2..2}; True: any number in [-2, 2]
 
     def __init__(self, *, max_new_tokens: int = 256, rate_max_new_tokens: int = 1024):
         self.max_new_tokens = int(max_new_tokens)
@@ -139,7 +140,7 @@ class _PromptTeacher:
     def rate(self, conversation: Conversation,
              candidates: Sequence[tuple[str, int]]) -> Ratings:
         return parse_ratings(self.rate_raw(conversation, candidates), candidates,
-                             fractional=getattr(self, "rate_decoding", "free") == "expected")
+                             fractional=self.fractional_ratings)
 
 
 class HFTeacher(_PromptTeacher):
@@ -189,6 +190,10 @@ class HFTeacher(_PromptTeacher):
                 "max_new_tokens": self.max_new_tokens,
                 "rate_max_new_tokens": self.rate_max_new_tokens, "decoding": "greedy",
                 "rate_decoding": self.rate_decoding}
+
+    @property
+    def fractional_ratings(self) -> bool:
+        return self.rate_decoding == "expected"
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
